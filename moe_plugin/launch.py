@@ -1,0 +1,107 @@
+"""Run one function on N processes of one host, each in a torch.distributed group.
+
+One process per GPU with NCCL where GPUs are present (and `backend` is not forced),
+else N CPU processes with gloo. Used by the benchmark, the demo and the tests.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+Worker = Callable[..., Any]
+
+
+def default_backend() -> str:
+    """'nccl' when CUDA GPUs are visible, else 'gloo'."""
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def default_nprocs() -> int:
+    """All visible GPUs, else 4 CPU processes."""
+    return torch.cuda.device_count() if torch.cuda.is_available() else 4
+
+
+def run_workers(fn: Worker, nprocs: int, *args: Any, backend: str | None = None,
+                timeout_s: float = 600.0) -> list[Any]:
+    """Call `fn(rank, world_size, *args)` on `nprocs` spawned processes and return the
+    values they return, indexed by rank.
+
+    Each process has joined the default process group (`backend`, default
+    `default_backend()`) and, with NCCL, set its CUDA device to its rank. `fn` and `args`
+    must be picklable. Raises RuntimeError naming the rank if a process fails, and
+    TimeoutError (after killing them all) if they are not done within `timeout_s`.
+    """
+    backend = backend or default_backend()
+    ctx = mp.get_context("spawn")
+    results = ctx.SimpleQueue()
+    port = _free_port()
+    procs = [
+        ctx.Process(target=_worker_main, args=(fn, rank, nprocs, port, backend, results, args))
+        for rank in range(nprocs)
+    ]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout_s
+    out: dict[int, Any] = {}
+    try:
+        while len(out) < nprocs:
+            while not results.empty():
+                rank, ok, value = results.get()
+                if not ok:
+                    raise RuntimeError(f"rank {rank} of {nprocs} failed:\n{value}")
+                out[rank] = value
+            if len(out) == nprocs:
+                break
+            dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)
+                    and r not in out]
+            if dead and results.empty():
+                raise RuntimeError(f"ranks {dead} of {nprocs} exited with codes "
+                                   f"{[procs[r].exitcode for r in dead]} and no result")
+            if time.monotonic() > deadline:
+                missing = sorted(set(range(nprocs)) - set(out))
+                raise TimeoutError(f"ranks {missing} of {nprocs} did not finish within "
+                                   f"{timeout_s:.0f} s")
+            time.sleep(0.05)
+    finally:
+        for p in procs:
+            p.join(timeout=10 if len(out) == nprocs else 0.1)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    return [out[r] for r in range(nprocs)]
+
+
+def _worker_main(fn: Worker, rank: int, world_size: int, port: int, backend: str,
+                 results: Any, args: tuple[Any, ...]) -> None:
+    import traceback
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    try:
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+            dist.init_process_group(backend, rank=rank, world_size=world_size,
+                                    device_id=torch.device("cuda", rank))
+        else:
+            dist.init_process_group(backend, rank=rank, world_size=world_size)
+        value = fn(rank, world_size, *args)
+        results.put((rank, True, value))
+    except BaseException:  # every failure must reach the parent, named by rank
+        results.put((rank, False, traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,1 @@
+"""The bundled CUDA kernels: sources in `csrc/`, built by `build`, called through `binding`."""

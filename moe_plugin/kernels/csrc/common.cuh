@@ -1,0 +1,181 @@
+// Shared definitions for every kernel of the library: status codes, the error record,
+// system-scope flag operations, bounded waits and 16-byte copies. No torch headers.
+//
+// Exported host functions are `extern "C" MOE_EXPORT int name(...)` taking only `void*`,
+// `long long` and `double` arguments (what the Python binding passes) and returning 0 or a
+// status: a cudaError_t value, or one of the MOE_STATUS_* codes below.
+#pragma once
+
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#define MOE_EXPORT __attribute__((visibility("default")))
+
+// Status codes above every cudaError_t value.
+#define MOE_STATUS_INVALID_ARGUMENT 100001
+#define MOE_STATUS_TOO_MUCH_SHARED_MEMORY 100002
+
+// Return the status of a CUDA runtime call from the enclosing function if it failed.
+#define MOE_TRY(call)                                   \
+  do {                                                  \
+    cudaError_t moe_status_ = (call);                   \
+    if (moe_status_ != cudaSuccess) return (int)moe_status_; \
+  } while (0)
+
+// Phases named in the error record (mirrored in moe_plugin/transport/bundled/errors.py).
+#define MOE_PHASE_DECODE_DISPATCH 1
+#define MOE_PHASE_DECODE_COMBINE 2
+#define MOE_PHASE_PREFILL_LAYOUT 3
+#define MOE_PHASE_PREFILL_DISPATCH 4
+#define MOE_PHASE_PREFILL_COMBINE 5
+#define MOE_PHASE_BARRIER 6
+
+#define MOE_ERROR_TIMEOUT 1
+
+// What a kernel records when a bounded wait gives up; the first failure wins. Lives in
+// device memory (the host copies it when it checks), zeroed when the transport is built.
+struct ErrorRecord {
+  int code;          // 0 = no error, MOE_ERROR_TIMEOUT
+  int waiting_rank;  // the rank whose kernel waited
+  int peer;          // the rank it waited for
+  int phase;         // MOE_PHASE_*
+  long long seq;     // the call's sequence number on that slot
+  int slot;
+  int pad;
+};
+
+// The context of a bounded wait, for the error record.
+struct WaitSite {
+  ErrorRecord* err;
+  long long timeout_ns;
+  int rank;
+  int phase;
+  int slot;
+};
+
+__device__ __forceinline__ unsigned long long globaltimer_ns() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+__device__ __forceinline__ unsigned long long ld_acquire_sys(const unsigned long long* p) {
+  unsigned long long v;
+  asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ void st_release_sys(unsigned long long* p, unsigned long long v) {
+  asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+
+__device__ __forceinline__ int ld_acquire_sys(const int* p) {
+  int v;
+  asm volatile("ld.acquire.sys.global.s32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ void st_release_sys(int* p, int v) {
+  asm volatile("st.release.sys.global.s32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+
+__device__ __forceinline__ void fence_acq_rel_sys() {
+  asm volatile("fence.acq_rel.sys;" ::: "memory");
+}
+
+__device__ __forceinline__ int ld_volatile(const int* p) {
+  return *reinterpret_cast<const volatile int*>(p);
+}
+
+// Record a failed wait unless an earlier failure was recorded first.
+__device__ __forceinline__ void record_error(const WaitSite& site, int code, int peer,
+                                             long long seq) {
+  ErrorRecord* err = site.err;
+  if (atomicCAS(&err->code, 0, -1) == 0) {
+    err->waiting_rank = site.rank;
+    err->peer = peer;
+    err->phase = site.phase;
+    err->seq = seq;
+    err->slot = site.slot;
+    __threadfence();
+    atomicExch(&err->code, code);
+  }
+}
+
+// Spin until *flag >= expected (acquire, system scope). Gives up, records the timeout and
+// returns false after site.timeout_ns, or early once any wait of this rank has failed (the
+// transport is then unusable and later calls must not each wait the full timeout).
+__device__ __forceinline__ bool wait_flag_geq(const unsigned long long* flag,
+                                              unsigned long long expected, const WaitSite& site,
+                                              int peer) {
+  if (ld_acquire_sys(flag) >= expected) return true;
+  const unsigned long long start = globaltimer_ns();
+  for (unsigned iter = 1;; ++iter) {
+    if (ld_acquire_sys(flag) >= expected) return true;
+    if ((iter & 255u) == 0) {
+      if (ld_volatile(&site.err->code) != 0) return false;
+      if (globaltimer_ns() - start > (unsigned long long)site.timeout_ns) {
+        record_error(site, MOE_ERROR_TIMEOUT, peer, (long long)expected);
+        return false;
+      }
+    }
+  }
+}
+
+// 16-byte loads and stores. `ld_nc` is for data no thread writes during the kernel; `ld_cg`
+// (L2 only) for data peers wrote before a flag this thread's block acquired.
+__device__ __forceinline__ int4 ld_nc_v4(const int4* p) {
+  int4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.s32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ int4 ld_cg_v4(const int4* p) {
+  int4 v;
+  asm volatile("ld.global.cg.v4.s32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ void st_v4(int4* p, int4 v) {
+  asm volatile("st.global.v4.s32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(v.x), "r"(v.y),
+               "r"(v.z), "r"(v.w)
+               : "memory");
+}
+
+// Copy `n16` 16-byte words from src to dst by the `nthreads` threads of a group, thread
+// `lane` of it; UNROLL loads are issued before their stores to keep many in flight.
+template <int UNROLL>
+__device__ __forceinline__ void copy_v4(int4* dst, const int4* src, int n16, int lane,
+                                        int nthreads) {
+  int i = lane;
+  for (; i + (UNROLL - 1) * nthreads < n16; i += UNROLL * nthreads) {
+    int4 v[UNROLL];
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) v[u] = ld_nc_v4(src + i + u * nthreads);
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) st_v4(dst + i + u * nthreads, v[u]);
+  }
+  for (; i < n16; i += nthreads) st_v4(dst + i, ld_nc_v4(src + i));
+}
+
+__device__ __forceinline__ int warp_sum(int v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// Arrive at a grid-wide counter; true in exactly one thread of the last block to arrive,
+// which then observes every other block's writes made before its arrival. Resets the
+// counter for the next launch. Call from every block, after __syncthreads(), thread 0 only.
+__device__ __forceinline__ bool last_block_arrival(unsigned* counter) {
+  fence_acq_rel_sys();
+  const unsigned prev = atomicAdd(counter, 1u);
+  if (prev != gridDim.x - 1) return false;
+  fence_acq_rel_sys();
+  *counter = 0;
+  return true;
+}

@@ -1,0 +1,148 @@
+"""The bundled transport: our own CUDA kernels moving tokens between the GPUs of one host
+over NVLink (peer-mapped buffers, no NVSHMEM, no multicast). DESIGN.md section 3.
+
+Non-expanded calls (`expand=False`, decode) run `DecodePath` (decode.py); expanded calls
+(`expand=True`, prefill) run `PrefillPath` (prefill.py).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import socket
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from moe_plugin.transport.base import (
+    CombineHook,
+    DispatchHandle,
+    DispatchHook,
+    DispatchResult,
+    Transport,
+    TransportSpec,
+)
+from moe_plugin.transport.bundled.decode import DecodePath
+from moe_plugin.transport.bundled.errors import ErrorRecord
+
+SUPPORTED_WORLD_SIZES = (2, 4, 8)
+
+
+class BundledTransport(Transport):
+    """Dispatch / combine with the bundled NVLink kernels, for 2, 4 or 8 GPUs of one host
+    with peer access, one process per GPU.
+
+    `timeout_s` bounds every wait for a peer (default `MOE_PLUGIN_TIMEOUT_S` or 60 s); a
+    wait that gives up is reported by `check()`. `num_sms` bounds the SMs of the prefill
+    kernels (so other work can run beside them); `decode_sms` the blocks of the decode
+    kernels (default: every SM). Building it is collective over `group`, and so is
+    `destroy()`.
+    """
+
+    supports_split_phases = True
+
+    def __init__(self, spec: TransportSpec, group: dist.ProcessGroup | None = None,
+                 device: torch.device | str | None = None, timeout_s: float | None = None,
+                 num_sms: int = 24, decode_sms: int | None = None) -> None:
+        super().__init__(spec, group, device, timeout_s)
+        if self.device.type != "cuda":
+            raise ValueError(f"BundledTransport needs a CUDA device, got {self.device}")
+        if self.world_size not in SUPPORTED_WORLD_SIZES:
+            raise ValueError(f"BundledTransport supports groups of {SUPPORTED_WORLD_SIZES} "
+                             f"ranks, got {self.world_size}")
+        if self.timeout_s <= 0:
+            raise ValueError(f"timeout_s must be positive, got {self.timeout_s}")
+        sm_count = torch.cuda.get_device_properties(self.device).multi_processor_count
+        if not 1 <= num_sms <= sm_count:
+            raise ValueError(f"num_sms must be in [1, {sm_count}], got {num_sms}")
+        if decode_sms is not None and not 1 <= decode_sms <= sm_count:
+            raise ValueError(f"decode_sms must be in [1, {sm_count}], got {decode_sms}")
+        self.num_sms = num_sms
+        self.decode_sms = decode_sms or sm_count
+        self._check_topology()
+        self.errors = ErrorRecord(self.device)
+        self._destroyed = False
+        self._decode = DecodePath(self)
+        self._prefill: Any = _make_prefill_path(self)
+
+    @property
+    def timeout_ns(self) -> int:
+        """The bound on device-side waits, in nanoseconds (a kernel argument)."""
+        return int(self.timeout_s * 1e9)
+
+    def _dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
+                  x_scales: torch.Tensor | None, *, expand: bool, cpu_sync: bool, slot: int,
+                  expert_alignment: int, return_recv_hook: bool
+                  ) -> DispatchResult | DispatchHook:
+        if expand:
+            return self._prefill_path().dispatch(
+                x, topk_idx, topk_weights, x_scales, slot=slot,
+                expert_alignment=expert_alignment, return_recv_hook=return_recv_hook)
+        return self._decode.dispatch(x, topk_idx, topk_weights, x_scales, slot=slot,
+                                     return_recv_hook=return_recv_hook)
+
+    def _combine(self, y: torch.Tensor, handle: DispatchHandle, *, slot: int,
+                 return_recv_hook: bool) -> torch.Tensor | CombineHook:
+        if handle.expand:
+            return self._prefill_path().combine(y, handle, slot=slot,
+                                                return_recv_hook=return_recv_hook)
+        return self._decode.combine(y, handle, slot=slot, return_recv_hook=return_recv_hook)
+
+    def check(self) -> None:
+        """Raise RuntimeError if a kernel's wait for a peer timed out (naming the waiting
+        rank, the peer, the phase, the slot and the call) or if expert ids were dropped.
+        Synchronizes the device."""
+        torch.cuda.synchronize(self.device)
+        message = self.errors.message(self.timeout_s)
+        if message is not None:
+            raise RuntimeError(message)
+        super().check()
+
+    def destroy(self) -> None:
+        """Collective: free the peer-mapped buffers of both paths. Safe to call twice."""
+        if self._destroyed:
+            return
+        self._destroyed = True
+        self._decode.destroy()
+        if self._prefill is not None:
+            self._prefill.destroy()
+
+    def _prefill_path(self) -> Any:
+        if self._prefill is None:
+            raise NotImplementedError("the bundled prefill path (expand=True) is not built "
+                                      "in this installation")
+        return self._prefill
+
+    def _check_topology(self) -> None:
+        props = torch.cuda.get_device_properties(self.device)
+        me = (socket.gethostname(), str(props.uuid))
+        everyone: list[tuple[str, str] | None] = [None] * self.world_size
+        dist.all_gather_object(everyone, me, group=self.group)
+        hosts = sorted({e[0] for e in everyone if e is not None})
+        if len(hosts) != 1:
+            raise ValueError(f"BundledTransport needs every rank on one host, the group "
+                             f"spans {hosts}")
+        uuids = [e[1] for e in everyone if e is not None]
+        if len(set(uuids)) != len(uuids):
+            raise ValueError("BundledTransport needs one GPU per rank; ranks share a GPU")
+        visible = {str(torch.cuda.get_device_properties(i).uuid): i
+                   for i in range(torch.cuda.device_count())}
+        for peer_rank, uuid in enumerate(uuids):
+            index = visible.get(uuid)
+            if peer_rank == self.rank or index is None:
+                continue  # not visible here: mapping its buffer reports any failure
+            if not torch.cuda.can_device_access_peer(self.device, index):
+                raise ValueError(f"rank {self.rank} (cuda:{self.device.index}) has no peer "
+                                 f"access to rank {peer_rank}'s GPU (cuda:{index})")
+
+
+def _make_prefill_path(transport: BundledTransport) -> Any:
+    """The expanded path, where this installation has it (prefill.py)."""
+    if importlib.util.find_spec("moe_plugin.transport.bundled.prefill") is None:
+        return None
+    from moe_plugin.transport.bundled.prefill import PrefillPath
+
+    return PrefillPath(transport)
+
+
+__all__ = ["BundledTransport"]

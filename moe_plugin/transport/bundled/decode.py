@@ -1,0 +1,181 @@
+"""The bundled transport's decode path: non-expanded dispatch / combine (csrc/decode.cu).
+
+Every call launches one kernel (or one per phase with `return_recv_hook=True`) with
+arguments that are the same on every call of a (slot, parity), and reads nothing on the
+host, so the calls can be captured in a CUDA graph and replayed. Results are views of the
+peer-mapped receive buffers of the slot, which alternate between two copies (parities)
+from one dispatch to the next on that slot: a result stays valid until the second next
+dispatch on its slot, provided every dispatch is followed by its combine before the next
+dispatch on the slot (as MoE layers do), or the calls alternate parities.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+from typing import TYPE_CHECKING
+
+import torch
+
+from moe_plugin.kernels import binding
+from moe_plugin.transport.base import (
+    NUM_SLOTS,
+    CombineHook,
+    DispatchHandle,
+    DispatchHook,
+    DispatchResult,
+)
+from moe_plugin.transport.bundled.symmetric import SymmetricBuffer
+
+if TYPE_CHECKING:
+    from moe_plugin.transport.bundled import BundledTransport
+
+PHASE_SEND = 1
+PHASE_RECV = 2
+NUM_PARITIES = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class _Views:
+    """Tensors over one (slot, parity)'s buffers."""
+
+    recv_x: torch.Tensor
+    recv_scales: torch.Tensor | None
+    recv_topk_idx: torch.Tensor
+    recv_topk_weights: torch.Tensor
+    recv_counts: torch.Tensor
+
+
+@dataclasses.dataclass(frozen=True)
+class _DecodeState:
+    """`DispatchHandle.state` of a decode dispatch."""
+
+    path: DecodePath
+    parity: int
+    call: int
+
+
+class DecodePath:
+    """Non-expanded dispatch / combine of a `BundledTransport` (decode mode).
+
+    Building it is collective (it maps every peer's buffers), and so is `destroy()`."""
+
+    def __init__(self, transport: BundledTransport) -> None:
+        self.transport = transport
+        spec = transport.spec
+        world = transport.world_size
+        rows = world * spec.max_tokens_per_rank
+        offsets = {(s, p): self._layout(s, p) for s in range(NUM_SLOTS)
+                   for p in range(NUM_PARITIES)}
+        sym_bytes, local_bytes = offsets[0, 0][:2]
+        self.buffer = SymmetricBuffer(sym_bytes, transport.group, transport.device)
+        self.local_state = torch.zeros(local_bytes, dtype=torch.uint8, device=transport.device)
+        plan = ctypes.c_void_p()
+        peers = (ctypes.c_longlong * world)(*self.buffer.peer_addresses)
+        binding.call("moe_decode_plan_create", ctypes.byref(plan), transport.device.index,
+                     world, transport.rank, spec.max_tokens_per_rank, spec.hidden,
+                     spec.num_topk, spec.num_experts, int(spec.is_fp8), peers, self.local_state,
+                     transport.dropped_ids, transport.errors.tensor, transport.timeout_ns,
+                     max(transport.decode_sms, world))
+        self._plan: ctypes.c_void_p | None = plan
+        self._views: dict[tuple[int, int], _Views] = {}
+        for (s, p), off in offsets.items():
+            _, _, x_off, scales_off, idx_off, w_off, counts_off, _ = off
+            buf = self.buffer
+            self._views[s, p] = _Views(
+                recv_x=buf.view(x_off, (rows, spec.hidden), spec.dtype),
+                recv_scales=(buf.view(scales_off, (rows, spec.num_scales), torch.float32)
+                             if spec.is_fp8 else None),
+                recv_topk_idx=buf.view(idx_off, (rows, spec.num_topk), torch.int64),
+                recv_topk_weights=buf.view(w_off, (rows, spec.num_topk), torch.float32),
+                recv_counts=self.local_state[counts_off:counts_off + 4 * world]
+                .view(torch.int32),
+            )
+        self._next_parity = [0] * NUM_SLOTS
+        self._calls = [0] * NUM_SLOTS
+
+    def _layout(self, slot: int, parity: int) -> list[int]:
+        spec = self.transport.spec
+        out = (ctypes.c_longlong * 8)()
+        binding.call("moe_decode_layout", self.transport.world_size, spec.max_tokens_per_rank,
+                     spec.hidden, spec.num_topk, spec.num_experts, int(spec.is_fp8), slot,
+                     parity, out)
+        return list(out)
+
+    def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
+                 x_scales: torch.Tensor | None, *, slot: int, return_recv_hook: bool
+                 ) -> DispatchResult | DispatchHook:
+        """Non-expanded dispatch (arguments checked by the transport). The result's tensors
+        are views of this slot's current receive buffers."""
+        plan = self._live_plan()
+        parity = self._next_parity[slot]
+        self._next_parity[slot] ^= 1
+        self._calls[slot] += 1
+        tokens = x.shape[0]
+        views = self._views[slot, parity]
+        handle = DispatchHandle(expand=False, slot=slot, num_tokens=tokens,
+                                recv_counts=views.recv_counts,
+                                state=_DecodeState(self, parity, self._calls[slot]))
+        result = DispatchResult(recv_x=views.recv_x, recv_scales=views.recv_scales,
+                                recv_topk_idx=views.recv_topk_idx,
+                                recv_topk_weights=views.recv_topk_weights, handle=handle)
+
+        def launch(phases: int) -> None:
+            binding.call("moe_decode_dispatch", plan, binding.stream(self.transport.device),
+                         x, x_scales, topk_idx, topk_weights, tokens, slot, parity, phases)
+
+        if not return_recv_hook:
+            launch(PHASE_SEND | PHASE_RECV)
+            return result
+        launch(PHASE_SEND)
+
+        def receive() -> DispatchResult:
+            launch(PHASE_RECV)
+            return result
+
+        return receive
+
+    def combine(self, y: torch.Tensor, handle: DispatchHandle, *, slot: int,
+                return_recv_hook: bool) -> torch.Tensor | CombineHook:
+        """out [T, H] bf16 for the tokens of `handle`'s dispatch (one of the last two
+        dispatches on `slot`)."""
+        plan = self._live_plan()
+        state = handle.state
+        if not isinstance(state, _DecodeState) or state.path is not self:
+            raise ValueError("handle was not made by this transport's decode dispatch")
+        if self._calls[slot] - state.call >= NUM_PARITIES:
+            raise ValueError(f"handle is stale: it belongs to dispatch #{state.call} on slot "
+                             f"{slot}, whose buffers dispatch #{self._calls[slot]} reused")
+        tokens = handle.num_tokens
+        out = torch.empty(tokens, self.transport.spec.hidden, dtype=torch.bfloat16,
+                          device=self.transport.device)
+
+        def launch(phases: int) -> None:
+            binding.call("moe_decode_combine", plan, binding.stream(self.transport.device),
+                         y, out, tokens, slot, state.parity, phases)
+
+        if not return_recv_hook:
+            launch(PHASE_SEND | PHASE_RECV)
+            return out
+        launch(PHASE_SEND)
+
+        def receive() -> torch.Tensor:
+            launch(PHASE_RECV)
+            return out
+
+        return receive
+
+    def destroy(self) -> None:
+        """Collective: free the plan and the peer-mapped buffers. Safe to call twice."""
+        if self._plan is None:
+            return
+        binding.call("moe_decode_plan_destroy", self._plan)
+        self._plan = None
+        self._views = {}
+        self.buffer.destroy()
+        self.local_state = torch.empty(0, dtype=torch.uint8)
+
+    def _live_plan(self) -> ctypes.c_void_p:
+        if self._plan is None:
+            raise RuntimeError("the transport was destroyed")
+        return self._plan

@@ -1,0 +1,118 @@
+"""The plugin's settings, read from vLLM's `additional_config["moe_plugin"]`.
+
+`vllm serve ... --additional-config '{"moe_plugin": {"mode": "auto"}}'` turns the plugin on;
+without the `moe_plugin` key vLLM's own prepare/finalize choice stands. Every key is
+optional:
+
+- `mode`: `decode` (fixed-size, host-sync-free exchange, safe in CUDA graphs), `prefill`
+  (expanded, exactly sized, one host read per call) or `auto` (decode when vLLM runs with
+  CUDA graphs, prefill under `--enforce-eager`).
+- `transport`: `bundled` (our NVLink kernels, CUDA) or `torch` (torch.distributed).
+- `max_tokens_per_rank`: tokens one rank may send per MoE call (the transport's buffers are
+  sized for it); default: vLLM's `max_num_batched_tokens`.
+- `num_sms`: SMs the bundled kernels may use (default: the transport's own, 24).
+- `timeout_s`: bound on any wait for a peer (default: `MOE_PLUGIN_TIMEOUT_S`, 60 s).
+
+A bad key or value raises ValueError at start-up naming the valid keys and values. No vLLM
+import here, so the settings are testable anywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from moe_plugin.transport import TRANSPORT_NAMES
+
+CONFIG_KEY = "moe_plugin"
+MODES = ("decode", "prefill", "auto")
+
+
+@dataclasses.dataclass(frozen=True)
+class PluginSettings:
+    """Validated plugin settings; build with `parse` or `from_additional_config`."""
+
+    mode: str = "auto"
+    transport: str = "bundled"
+    max_tokens_per_rank: int | None = None
+    num_sms: int | None = None
+    timeout_s: float | None = None
+
+    @classmethod
+    def parse(cls, raw: Mapping[str, Any]) -> PluginSettings:
+        """Settings from the `moe_plugin` mapping; ValueError on an unknown key or bad value."""
+        if not isinstance(raw, Mapping):
+            raise ValueError(f"additional_config['{CONFIG_KEY}'] must be a JSON object, "
+                             f"got {type(raw).__name__}; {_valid_keys_text()}")
+        unknown = sorted(set(raw) - set(_FIELD_NAMES))
+        if unknown:
+            raise ValueError(f"unknown {CONFIG_KEY} key(s) {unknown}; {_valid_keys_text()}")
+        values = dict(raw)
+        _check_choice(values, "mode", MODES)
+        _check_choice(values, "transport", TRANSPORT_NAMES)
+        _check_number(values, "max_tokens_per_rank", int, minimum=1)
+        _check_number(values, "num_sms", int, minimum=1)
+        _check_number(values, "timeout_s", float, minimum=0.0, exclusive=True)
+        if values.get("num_sms") is not None and values.get("transport", "bundled") != "bundled":
+            raise ValueError(f"{CONFIG_KEY}.num_sms applies to the bundled transport only, "
+                             f"but transport is {values['transport']!r}")
+        return cls(**values)
+
+    @classmethod
+    def from_additional_config(cls, additional_config: Any) -> PluginSettings | None:
+        """Settings when `additional_config` (vLLM's, any type) holds the `moe_plugin` key,
+        else None (the plugin stays off)."""
+        if not isinstance(additional_config, Mapping) or CONFIG_KEY not in additional_config:
+            return None
+        return cls.parse(additional_config[CONFIG_KEY])
+
+    def resolve_mode(self, cuda_graphs: bool) -> str:
+        """`decode` or `prefill`: `auto` becomes decode when CUDA graphs are on."""
+        if self.mode != "auto":
+            return self.mode
+        return "decode" if cuda_graphs else "prefill"
+
+    def transport_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for `make_transport` beyond the spec and group."""
+        kwargs: dict[str, Any] = {}
+        if self.timeout_s is not None:
+            kwargs["timeout_s"] = self.timeout_s
+        if self.num_sms is not None:
+            kwargs["num_sms"] = self.num_sms
+        return kwargs
+
+
+_FIELD_NAMES = tuple(f.name for f in dataclasses.fields(PluginSettings))
+_VALUE_HELP = {
+    "mode": " | ".join(MODES),
+    "transport": " | ".join(TRANSPORT_NAMES),
+    "max_tokens_per_rank": "integer >= 1",
+    "num_sms": "integer >= 1 (bundled only)",
+    "timeout_s": "number > 0",
+}
+
+
+def _valid_keys_text() -> str:
+    return "valid keys: " + ", ".join(f"{k} ({_VALUE_HELP[k]})" for k in _FIELD_NAMES)
+
+
+def _check_choice(values: dict[str, Any], key: str, choices: tuple[str, ...]) -> None:
+    if key in values and values[key] not in choices:
+        raise ValueError(f"{CONFIG_KEY}.{key} must be one of {list(choices)}, "
+                         f"got {values[key]!r}")
+
+
+def _check_number(values: dict[str, Any], key: str, kind: type, *, minimum: float,
+                  exclusive: bool = False) -> None:
+    """Accept an int (or, for float keys, any real number) within bounds; bools are not
+    numbers here."""
+    if key not in values:
+        return
+    value = values[key]
+    allowed = (int,) if kind is int else (int, float)
+    if isinstance(value, bool) or not isinstance(value, allowed):
+        raise ValueError(f"{CONFIG_KEY}.{key} must be {_VALUE_HELP[key]}, got {value!r}")
+    if value < minimum or (exclusive and value == minimum):
+        raise ValueError(f"{CONFIG_KEY}.{key} must be {_VALUE_HELP[key]}, got {value!r}")
+    values[key] = kind(value)

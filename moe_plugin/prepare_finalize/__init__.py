@@ -1,0 +1,13 @@
+"""vLLM prepare/finalize classes over our transports (the only package beside
+`vllm_plugin.py` that imports vLLM)."""
+
+from moe_plugin.prepare_finalize.base import TransportPrepareAndFinalize
+from moe_plugin.prepare_finalize.decode import DecodePrepareAndFinalize
+from moe_plugin.prepare_finalize.prefill import PrefillPrepareAndFinalize
+from moe_plugin.prepare_finalize.transports import TransportPool
+
+PREPARE_FINALIZE_CLASSES = {"decode": DecodePrepareAndFinalize,
+                            "prefill": PrefillPrepareAndFinalize}
+
+__all__ = ["DecodePrepareAndFinalize", "PREPARE_FINALIZE_CLASSES",
+           "PrefillPrepareAndFinalize", "TransportPool", "TransportPrepareAndFinalize"]

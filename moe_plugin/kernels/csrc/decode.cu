@@ -161,7 +161,7 @@ __device__ __forceinline__ unsigned wait_all_flags(const Params& p, long long fl
   return arrived;
 }
 
-__global__ void __launch_bounds__(kThreads) decode_dispatch_kernel(const Params p) {
+__global__ void __launch_bounds__(kThreads, 1) decode_dispatch_kernel(const Params p) {
   extern __shared__ int smem[];
   __shared__ char* peers[kMaxRanks];
   __shared__ int totals[kMaxRanks];
@@ -331,7 +331,7 @@ __device__ __forceinline__ int4 pack_bf16x8(const float* acc) {
   return make_int4((int)w[0], (int)w[1], (int)w[2], (int)w[3]);
 }
 
-__global__ void __launch_bounds__(kThreads) decode_combine_kernel(const Params p) {
+__global__ void __launch_bounds__(kThreads, 1) decode_combine_kernel(const Params p) {
   __shared__ char* peers[kMaxRanks];
   const Dims& d = p.dims;
   const int R = d.R, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;

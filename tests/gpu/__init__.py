@@ -1,0 +1,1 @@
+"""GPU tests (marked `gpu`): skipped unless at least two CUDA GPUs are visible."""

@@ -1,0 +1,561 @@
+"""The bundled transport's decode path (non-expanded) on all GPUs of the host, one process
+each (NCCL), against the torch transport and a dense device-side reference.
+
+One spawn runs every scenario (spawning and NCCL start-up are the slow part); each test
+asserts on its scenario's mismatch messages, collected on every rank. Mismatches are
+collected rather than raised so all ranks keep making the same calls.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from moe_plugin.launch import run_workers
+from moe_plugin.transport import DispatchResult, Transport, TransportSpec, make_transport
+from moe_plugin.transport.base import SCALE_BLOCK
+from tests.reference import expert_scale, to_global
+
+pytestmark = pytest.mark.gpu
+
+FP8 = torch.float8_e4m3fn
+BF16 = torch.bfloat16
+PRESETS = {  # (hidden, experts, topk)
+    "deepseek-v3": (7168, 256, 8),
+    "qwen3-30b-a3b": (2048, 128, 8),
+    "mixtral": (4096, 8, 2),
+}
+TIMEOUT_S = 20.0
+
+
+# ----------------------------------------------------------------------------- inputs
+@dataclasses.dataclass
+class Inputs:
+    """Every rank's inputs of one call, on this rank's device: x [R, Tmax, H] (rank s uses
+    its first tokens[s] rows), scales, ids [R, Tmax, K], weights."""
+
+    spec: TransportSpec
+    tokens: list[int]
+    x: torch.Tensor
+    scales: torch.Tensor | None
+    idx: torch.Tensor
+    w: torch.Tensor
+
+    def of(self, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                     torch.Tensor | None]:
+        """(x, topk_idx, topk_weights, x_scales) of `rank`, contiguous."""
+        n = self.tokens[rank]
+        scales = None if self.scales is None else self.scales[rank, :n].contiguous()
+        return (self.x[rank, :n].contiguous(), self.idx[rank, :n].contiguous(),
+                self.w[rank, :n].contiguous(), scales)
+
+
+def make_inputs(spec: TransportSpec, world: int, tokens: list[int], seed: int,
+                routing: str = "uniform", bad_ids: bool = False) -> Inputs:
+    """Random inputs of every rank, identical on every rank (one device generator seed).
+
+    routing: "uniform" (distinct experts, ~10% of choices -1), "skewed" (every token to
+    experts of one rank, repeats allowed), "none" (all -1), "mixed" (a random pick per
+    token of the three). `bad_ids` replaces ~5% of choices with ids outside [-1, E)."""
+    device = torch.device("cuda", torch.cuda.current_device())
+    g = torch.Generator(device=device).manual_seed(seed)
+    tmax, hidden, k, e = spec.max_tokens_per_rank, spec.hidden, spec.num_topk, spec.num_experts
+    local = e // world
+    values = torch.randn(world, tmax, hidden, generator=g, device=device)
+    scales = None
+    if spec.is_fp8:
+        x = (values * 64).clamp(-448, 448).to(FP8)
+        scales = torch.rand(world, tmax, hidden // SCALE_BLOCK, generator=g, device=device) + 0.5
+    else:
+        x = values.to(BF16)
+    if k <= e:
+        uniform = torch.rand(world, tmax, e, generator=g, device=device).topk(k, dim=2).indices
+    else:
+        uniform = torch.randint(0, e, (world, tmax, k), generator=g, device=device)
+    uniform = torch.where(torch.rand(world, tmax, k, generator=g, device=device) < 0.1,
+                          -1, uniform)
+    hot = torch.randint(0, world, (1,), generator=g, device=device)
+    skewed = hot * local + torch.randint(0, local, (world, tmax, k), generator=g, device=device)
+    none = torch.full_like(uniform, -1)
+    pick = {"uniform": 0, "skewed": 1, "none": 2}.get(routing)
+    if pick is None:
+        pick_t = torch.randint(0, 3, (world, tmax, 1), generator=g, device=device)
+    else:
+        pick_t = torch.full((world, tmax, 1), pick, device=device)
+    idx = torch.where(pick_t == 0, uniform, torch.where(pick_t == 1, skewed, none))
+    if bad_ids:
+        bad = torch.tensor([e, e + 5, -2, -(1 << 40), 1 << 40], device=device)
+        which = torch.randint(0, 5, idx.shape, generator=g, device=device)
+        idx = torch.where(torch.rand(idx.shape, generator=g, device=device) < 0.05,
+                          bad[which], idx)
+    w = torch.rand(world, tmax, k, generator=g, device=device)
+    return Inputs(spec, list(tokens), x, scales, idx.contiguous(), w)
+
+
+# ------------------------------------------------------------------ device reference
+def expected_receive(inp: Inputs, rank: int) -> dict[str, torch.Tensor]:
+    """What `rank` must receive, on the device, without a host sync: recv_x / recv_scales /
+    ids / weights [R*Tmax, ...], `valid` rows [R*Tmax] and `counts` [R]."""
+    spec = inp.spec
+    world, tmax = inp.x.shape[0], spec.max_tokens_per_rank
+    local = spec.num_experts // world
+    rows = world * tmax
+    device = inp.x.device
+    out_x = torch.zeros(rows + 1, spec.hidden, dtype=spec.dtype, device=device)
+    out_s = (torch.zeros(rows + 1, spec.num_scales, device=device) if spec.is_fp8 else None)
+    out_i = torch.full((rows + 1, spec.num_topk), -1, dtype=torch.int64, device=device)
+    out_w = torch.zeros(rows + 1, spec.num_topk, device=device)
+    counts = []
+    for s in range(world):
+        n = inp.tokens[s]
+        idx = inp.idx[s, :n]
+        ok = (idx >= 0) & (idx < spec.num_experts)
+        mine = ok & (idx.div(local, rounding_mode="floor") == rank)
+        sel = mine.any(dim=1)
+        dest = torch.where(sel, s * tmax + torch.cumsum(sel, 0) - 1, rows)
+        out_x.view(torch.uint8).index_copy_(0, dest, inp.x[s, :n].view(torch.uint8))
+        if out_s is not None:
+            out_s.index_copy_(0, dest, inp.scales[s, :n])
+        out_i.index_copy_(0, dest, torch.where(mine, idx - rank * local, -1))
+        out_w.index_copy_(0, dest, torch.where(mine, inp.w[s, :n], 0.0))
+        counts.append(sel.sum())
+    counts_t = torch.stack(counts).to(torch.int32)
+    j = torch.arange(tmax, device=device)
+    valid = (j[None, :] < counts_t[:, None]).flatten()
+    # The dump row collects tokens sent elsewhere; padding ids / weights are -1 / 0.
+    return {"x": out_x[:rows], "scales": None if out_s is None else out_s[:rows],
+            "idx": torch.where(valid[:, None], out_i[:rows], -1),
+            "w": torch.where(valid[:, None], out_w[:rows], 0.0), "valid": valid,
+            "counts": counts_t}
+
+
+def receive_mismatches(got: DispatchResult, exp: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Number of mismatching elements (device int64 scalar, no host sync)."""
+    valid = exp["valid"][:, None]
+    bad = ((got.recv_x.view(torch.uint8) != exp["x"].view(torch.uint8)) & valid).sum()
+    if exp["scales"] is not None:
+        bad += ((got.recv_scales.view(torch.int32) != exp["scales"].view(torch.int32))
+                & valid).sum()
+    bad += (got.recv_topk_idx != exp["idx"]).sum()
+    bad += (got.recv_topk_weights.view(torch.int32) != exp["w"].view(torch.int32)).sum()
+    bad += (got.handle.recv_counts != exp["counts"]).sum()
+    return bad
+
+
+def dequantize(x: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
+    """float32 values of payload rows (fp8 times its block-128 scales)."""
+    if scales is None:
+        return x.float()
+    return (x.float().unflatten(1, (-1, SCALE_BLOCK)) * scales[:, :, None]).flatten(1)
+
+
+def y_of(result: DispatchResult, rank: int, local: int) -> torch.Tensor:
+    """The toy experts' output for the received rows: sum over choices of weight *
+    expert_scale(global id) * row, in fp32, as bf16; NaN on rows without a local expert
+    (combine must never read them). Capturable in a CUDA graph (no host sync)."""
+    ids = to_global(result.recv_topk_idx, rank, local)
+    values = dequantize(result.recv_x, result.recv_scales)
+    coef = torch.where(ids >= 0, result.recv_topk_weights * expert_scale(ids.clamp(min=0)), 0.0)
+    acc = torch.zeros_like(values)
+    for j in range(ids.shape[1]):
+        acc += coef[:, j, None] * torch.where(ids[:, j, None] >= 0, values, 0.0)
+    return torch.where((ids < 0).all(dim=1, keepdim=True), float("nan"), acc).to(BF16)
+
+
+def combine_mismatches(out: torch.Tensor, inp: Inputs, rank: int) -> torch.Tensor:
+    """Elements of `out` farther from the dense fp32 sum than bf16 rounding allows
+    (device int64 scalar, no host sync)."""
+    spec = inp.spec
+    x, idx, w, scales = inp.of(rank)
+    idx = torch.where((idx >= -1) & (idx < spec.num_experts), idx, -1)
+    coef = torch.where(idx >= 0, w * expert_scale(idx.clamp(min=0)), 0.0)
+    values = dequantize(x, scales)
+    dense = coef.sum(dim=1, keepdim=True) * values
+    bound = coef.abs().sum(dim=1, keepdim=True) * values.abs() * 2.0 ** -7 + 1e-6
+    bad = ((out.float() - dense).abs() > bound) | ~torch.isfinite(out.float())
+    return bad.sum() + (out.shape[0] != x.shape[0])
+
+
+# ---------------------------------------------------------------- comparisons, host
+def compare_results(a: DispatchResult, b: DispatchResult, what: str) -> list[str]:
+    """Bitwise equality of counts, valid rows (data, scales), and every id and weight."""
+    errors = []
+    counts_a, counts_b = a.handle.recv_counts.tolist(), b.handle.recv_counts.tolist()
+    if counts_a != counts_b:
+        return [f"{what}: recv_counts {counts_a} != {counts_b}"]
+    tmax = a.recv_x.shape[0] // len(counts_a)
+    rows = torch.cat([torch.arange(s * tmax, s * tmax + n) for s, n in enumerate(counts_a)])
+    rows = rows.to(a.recv_x.device)
+    pairs = [("recv_x rows", a.recv_x.view(torch.uint8)[rows], b.recv_x.view(torch.uint8)[rows]),
+             ("recv_topk_idx", a.recv_topk_idx, b.recv_topk_idx),
+             ("recv_topk_weights", a.recv_topk_weights.view(torch.int32),
+              b.recv_topk_weights.view(torch.int32))]
+    if a.recv_scales is not None or b.recv_scales is not None:
+        if a.recv_scales is None or b.recv_scales is None:
+            return errors + [f"{what}: recv_scales present on one transport only"]
+        pairs.append(("recv_scales rows", a.recv_scales.view(torch.int32)[rows],
+                      b.recv_scales.view(torch.int32)[rows]))
+    for name, u, v in pairs:
+        if u.shape != v.shape:
+            errors.append(f"{what}: {name} shapes {list(u.shape)} != {list(v.shape)}")
+        elif not torch.equal(u, v):
+            errors.append(f"{what}: {name} differ in {int((u != v).sum())} elements")
+    return errors
+
+
+def against_torch(bundled: Transport, ref: Transport, inp: Inputs, what: str, *,
+                  slot: int = 0, hooks: bool = False) -> list[str]:
+    """One dispatch + combine on both transports, compared bit for bit, and combine against
+    the dense sum."""
+    rank = dist.get_rank()
+    x, idx, w, scales = inp.of(rank)
+    errors = []
+    results = []
+    for t in (bundled, ref):
+        got = t.dispatch(x, idx, w, x_scales=scales, expand=False, cpu_sync=False, slot=slot,
+                         return_recv_hook=hooks and t is bundled)
+        results.append(got() if callable(got) else got)
+    errors += compare_results(results[0], results[1], what)
+    outs = []
+    for t, res in zip((bundled, ref), results, strict=True):
+        y = y_of(res, rank, t.num_local_experts)
+        out = t.combine(y, res.handle, slot=slot, return_recv_hook=hooks and t is bundled)
+        outs.append(out() if callable(out) else out)
+    if not torch.equal(outs[0].view(torch.int16), outs[1].view(torch.int16)):
+        errors.append(f"{what}: combine differs from the torch transport in "
+                      f"{int((outs[0].view(torch.int16) != outs[1].view(torch.int16)).sum())} "
+                      "elements")
+    bad = int(combine_mismatches(outs[0], inp, rank))
+    if bad:
+        errors.append(f"{what}: combine off the dense sum in {bad} elements")
+    return errors
+
+
+def build_pair(spec: TransportSpec, **kw: object) -> tuple[Transport, Transport]:
+    bundled = make_transport("bundled", spec, None, timeout_s=TIMEOUT_S, **kw)
+    ref = make_transport("torch", spec, None)
+    return bundled, ref
+
+
+def token_mix(world: int, tmax: int, shift: int) -> list[int]:
+    """Per-rank token counts drawn from {0, 1, 7, 128, Tmax} (capped at Tmax), rotated."""
+    choices = [0, 1, 7, min(128, tmax), tmax]
+    return [choices[(r + shift) % len(choices)] for r in range(world)]
+
+
+# ------------------------------------------------------------------------- scenarios
+def scenario_presets(world: int) -> list[str]:
+    """The three model shapes, bf16 and fp8, T in {0, 1, 7, 128, Tmax} across ranks."""
+    errors = []
+    for name, (hidden, experts, topk) in PRESETS.items():
+        for dtype in (BF16, FP8):
+            spec = TransportSpec(160, hidden, topk, experts, dtype)
+            bundled, ref = build_pair(spec)
+            for shift in range(3):
+                inp = make_inputs(spec, world, token_mix(world, 160, shift), seed=shift)
+                errors += against_torch(bundled, ref, inp, f"{name} {dtype} shift {shift}")
+            bundled.check()
+            bundled.destroy()
+            ref.destroy()
+    return errors
+
+
+def scenario_shapes(world: int) -> list[str]:
+    """K in {1, 2, 8, 16, 32}, odd H, every routing (skewed, none, mixed), both dtypes."""
+    errors = []
+    rng = random.Random(7)
+    shapes = [(8, 1, world), (136, 2, 2 * world), (264, 8, 8 * world), (512, 16, 64),
+              (1024, 32, 64), (256, 8, 1024)]
+    for hidden, topk, experts in shapes:
+        for dtype in (BF16, FP8):
+            if dtype == FP8 and hidden % SCALE_BLOCK:
+                continue
+            spec = TransportSpec(24, hidden, topk, experts, dtype)
+            bundled, ref = build_pair(spec)
+            for routing in ("uniform", "skewed", "none", "mixed"):
+                tokens = [rng.choice([0, 1, 5, 24]) for _ in range(world)]
+                inp = make_inputs(spec, world, tokens, rng.randrange(1 << 20), routing)
+                errors += against_torch(bundled, ref, inp,
+                                        f"H{hidden} K{topk} E{experts} {dtype} {routing}")
+            bundled.check()
+            bundled.destroy()
+            ref.destroy()
+    return errors
+
+
+def scenario_slots_and_hooks(world: int) -> list[str]:
+    """Split phases on both slots, interleaved: send 0, send 1, receive 1, receive 0, ..."""
+    errors = []
+    rank = dist.get_rank()
+    spec = TransportSpec(64, 2048, 8, 128, BF16)
+    bundled, ref = build_pair(spec)
+    for it in range(6):
+        inps = [make_inputs(spec, world, token_mix(world, 64, it + s), seed=100 + 2 * it + s)
+                for s in range(2)]
+        hooks = []
+        for slot in (0, 1):
+            x, idx, w, scales = inps[slot].of(rank)
+            hooks.append(bundled.dispatch(x, idx, w, x_scales=scales, expand=False,
+                                          cpu_sync=False, slot=slot, return_recv_hook=True))
+        results = [hooks[1](), hooks[0]()][::-1]
+        combine_hooks = []
+        for slot in (1, 0):
+            y = y_of(results[slot], rank, bundled.num_local_experts)
+            combine_hooks.append((slot, bundled.combine(y, results[slot].handle, slot=slot,
+                                                        return_recv_hook=True)))
+        outs = {slot: hook() for slot, hook in combine_hooks}
+        for slot in (0, 1):
+            x, idx, w, scales = inps[slot].of(rank)
+            want = ref.dispatch(x, idx, w, x_scales=scales, expand=False, cpu_sync=False)
+            errors += compare_results(results[slot], want, f"iter {it} slot {slot}")
+            bad = int(combine_mismatches(outs[slot], inps[slot], rank))
+            if bad:
+                errors.append(f"iter {it} slot {slot}: combine off in {bad} elements")
+        # cpu_sync=True takes the same path.
+        errors += against_torch(bundled, ref, inps[0], f"iter {it} plain", slot=it % 2)
+    bundled.check()
+    bundled.destroy()
+    ref.destroy()
+    return errors
+
+
+def scenario_graphs(world: int) -> list[str]:
+    """Dispatch + experts + combine captured once, replayed 1000 times with fresh inputs
+    copied into the captured tensors; checked every replay on the device, and bit for bit
+    against eager calls every 100 replays."""
+    errors = []
+    for (hidden, experts, topk), dtype in ((PRESETS["qwen3-30b-a3b"], BF16),
+                                          (PRESETS["deepseek-v3"], FP8)):
+        errors += _graph_case(world, TransportSpec(128, hidden, topk, experts, dtype))
+    return errors
+
+
+def _layer_step(bundled: Transport, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor,
+                scales: torch.Tensor | None) -> tuple[DispatchResult, torch.Tensor]:
+    """What one MoE layer does: dispatch, the toy experts, combine."""
+    res = bundled.dispatch(x, idx, w, x_scales=scales, expand=False, cpu_sync=False)
+    y = y_of(res, bundled.rank, bundled.num_local_experts)
+    return res, bundled.combine(y, res.handle)
+
+
+def _graph_case(world: int, spec: TransportSpec) -> list[str]:
+    errors = []
+    rank = dist.get_rank()
+    bundled = make_transport("bundled", spec, None, timeout_s=TIMEOUT_S)
+    tokens = [128, 0, 77, 1, 128, 5, 128, 33][:world]
+    x, idx, w, scales = make_inputs(spec, world, tokens, seed=0).of(rank)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            _layer_step(bundled, x, idx, w, scales)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        res_g, out_g = _layer_step(bundled, x, idx, w, scales)
+    bad = torch.zeros((), dtype=torch.int64, device=x.device)
+    for it in range(1000):
+        fresh = make_inputs(spec, world, tokens, seed=1000 + it,
+                            routing="mixed" if it % 3 == 2 else "uniform")
+        for static, new in zip((x, idx, w, scales), fresh.of(rank), strict=True):
+            if static is not None:
+                static.copy_(new)
+        graph.replay()
+        bad += receive_mismatches(res_g, expected_receive(fresh, rank))
+        bad += combine_mismatches(out_g, fresh, rank)
+        if it % 100 == 99:
+            kept = DispatchResult(
+                res_g.recv_x.clone(),
+                None if res_g.recv_scales is None else res_g.recv_scales.clone(),
+                res_g.recv_topk_idx.clone(), res_g.recv_topk_weights.clone(),
+                dataclasses.replace(res_g.handle, recv_counts=res_g.handle.recv_counts.clone()))
+            kept_out = out_g.clone()
+            res_e, out_e = _layer_step(bundled, x, idx, w, scales)
+            errors += compare_results(kept, res_e, f"{spec.dtype} replay {it} vs eager")
+            if not torch.equal(kept_out.view(torch.int16), out_e.view(torch.int16)):
+                errors.append(f"{spec.dtype} replay {it}: combine differs from eager")
+    if int(bad):
+        errors.append(f"{spec.dtype}: {int(bad)} mismatching elements over 1000 replays")
+    bundled.check()
+    del graph
+    bundled.destroy()
+    return errors
+
+
+def scenario_soak(world: int) -> list[str]:
+    """10,000 random calls (T, routing, slot, split phases, dtype-free small shape),
+    checked on the device each time; nothing may be lost."""
+    rank = dist.get_rank()
+    spec = TransportSpec(32, 512, 4, 8 * world, BF16)
+    bundled = make_transport("bundled", spec, None, timeout_s=TIMEOUT_S)
+    rng = random.Random(99)
+    device = torch.device("cuda", torch.cuda.current_device())
+    bad = torch.zeros((), dtype=torch.int64, device=device)
+    for it in range(10_000):
+        tokens = [rng.choice([0, rng.randint(1, 32), 32]) for _ in range(world)]
+        inp = make_inputs(spec, world, tokens, seed=it,
+                          routing=rng.choice(["uniform", "uniform", "skewed", "mixed"]))
+        slot = rng.randrange(2)
+        hooks = rng.random() < 0.5
+        x, idx, w, scales = inp.of(rank)
+        got = bundled.dispatch(x, idx, w, expand=False, cpu_sync=False, slot=slot,
+                               return_recv_hook=hooks)
+        res = got() if hooks else got
+        bad += receive_mismatches(res, expected_receive(inp, rank))
+        out = bundled.combine(y_of(res, rank, bundled.num_local_experts), res.handle,
+                              slot=slot, return_recv_hook=hooks)
+        bad += combine_mismatches(out() if hooks else out, inp, rank)
+    bundled.check()
+    bundled.destroy()
+    n = int(bad)
+    return [f"soak: {n} mismatching elements over 10,000 calls"] if n else []
+
+
+def scenario_bad_ids(world: int) -> list[str]:
+    """Ids outside [-1, E) are dropped (rows as if they were -1) and counted; check()
+    raises naming the count."""
+    errors = []
+    rank = dist.get_rank()
+    spec = TransportSpec(64, 256, 8, 16 * world, FP8)
+    bundled, ref = build_pair(spec)
+    expected_dropped = 0
+    for it in range(4):
+        inp = make_inputs(spec, world, token_mix(world, 64, it), seed=500 + it, bad_ids=True)
+        _, idx, _, _ = inp.of(rank)
+        expected_dropped += int(((idx < -1) | (idx >= spec.num_experts)).sum())
+        errors += against_torch(bundled, ref, inp, f"bad ids {it}")
+    dropped = int(bundled.dropped_ids.item())
+    if dropped != expected_dropped:
+        errors.append(f"dropped_ids {dropped}, expected {expected_dropped}")
+    try:
+        bundled.check()
+        if expected_dropped:
+            errors.append("check() did not raise on dropped ids")
+    except RuntimeError as e:
+        if f"{expected_dropped} expert ids" not in str(e):
+            errors.append(f"check() message does not name the count: {e}")
+    bundled.destroy()
+    ref.destroy()
+    return errors
+
+
+def scenario_lifecycle(world: int) -> list[str]:
+    """100 create / destroy cycles leak no device memory; destroy twice is harmless."""
+    spec = TransportSpec(512, 4096, 8, 64, BF16)  # > 128 MiB of buffers per transport
+
+    def cycle() -> None:
+        t = make_transport("bundled", spec, None, timeout_s=TIMEOUT_S)
+        t.dispatch(*_empty_call(spec), expand=False, cpu_sync=False)
+        t.destroy()
+        t.destroy()
+
+    cycle()
+    torch.cuda.synchronize()
+    free_before = torch.cuda.mem_get_info()[0]
+    for _ in range(100):
+        cycle()
+    torch.cuda.synchronize()
+    free_after = torch.cuda.mem_get_info()[0]
+    lost = free_before - free_after
+    if lost > 64 << 20:
+        return [f"100 create/destroy cycles lost {lost >> 20} MiB of device memory"]
+    return []
+
+
+def _empty_call(spec: TransportSpec) -> tuple[torch.Tensor, ...]:
+    device = torch.device("cuda", torch.cuda.current_device())
+    return (torch.empty(0, spec.hidden, dtype=spec.dtype, device=device),
+            torch.empty(0, spec.num_topk, dtype=torch.int64, device=device),
+            torch.empty(0, spec.num_topk, device=device))
+
+
+def scenario_absent_peer(world: int) -> list[str]:
+    """The last rank never calls: the others' calls time out (2 s) and check() names it."""
+    rank = dist.get_rank()
+    spec = TransportSpec(16, 256, 2, 2 * world, BF16)
+    t = make_transport("bundled", spec, None, timeout_s=2.0)
+    errors = []
+    if rank != world - 1:
+        inp = make_inputs(spec, world, [16] * world, seed=3)
+        x, idx, w, _ = inp.of(rank)
+        res = t.dispatch(x, idx, w, expand=False, cpu_sync=False)
+        t.combine(torch.zeros_like(res.recv_x), res.handle)
+        try:
+            t.check()
+            errors.append(f"rank {rank}: check() did not raise although rank {world - 1} "
+                          "never called")
+        except RuntimeError as e:
+            text = str(e)
+            if f"rank {rank}" not in text or f"peer rank {world - 1}" not in text \
+                    or "timed out" not in text:
+                errors.append(f"rank {rank}: unclear timeout message: {text}")
+    t.destroy()
+    return errors
+
+
+def scenario_bad_construction(world: int) -> list[str]:
+    """Clear ValueErrors: a CPU device, an unsupported group size."""
+    errors = []
+    spec = TransportSpec(8, 256, 2, 2 * world, BF16)
+    try:
+        make_transport("bundled", spec, None, device="cpu")
+        errors.append("a CPU device was accepted")
+    except ValueError as e:
+        if "CUDA" not in str(e):
+            errors.append(f"unclear message for a CPU device: {e}")
+    group = dist.new_group(list(range(world - 1)))
+    if dist.get_rank() < world - 1:
+        odd = TransportSpec(8, 256, 2, 2 * world * (world - 1), BF16)
+        try:
+            make_transport("bundled", odd, group)
+            errors.append(f"a group of {world - 1} ranks was accepted")
+        except ValueError as e:
+            if f"got {world - 1}" not in str(e):
+                errors.append(f"unclear message for a group of {world - 1}: {e}")
+    return errors
+
+
+SCENARIOS: dict[str, Callable[[int], list[str]]] = {
+    "presets": scenario_presets,
+    "shapes": scenario_shapes,
+    "slots_and_hooks": scenario_slots_and_hooks,
+    "graphs": scenario_graphs,
+    "soak": scenario_soak,
+    "bad_ids": scenario_bad_ids,
+    "lifecycle": scenario_lifecycle,
+    "bad_construction": scenario_bad_construction,
+    "absent_peer": scenario_absent_peer,
+}
+
+
+def battery(rank: int, world: int) -> dict[str, list[str]]:
+    """Run every scenario on this rank; return its mismatch messages per scenario."""
+    torch.manual_seed(rank)
+    out = {}
+    for name, fn in SCENARIOS.items():
+        out[name] = fn(world)
+        dist.barrier()
+    return out
+
+
+# ----------------------------------------------------------------------------- tests
+def _world() -> int:
+    count = torch.cuda.device_count()
+    return max(r for r in (2, 4, 8) if r <= count)
+
+
+@pytest.fixture(scope="module")
+def outcomes() -> dict[str, list[str]]:
+    per_rank = run_workers(battery, _world(), timeout_s=900)
+    return {name: [m for r in per_rank for m in r[name]] for name in SCENARIOS}
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_bundled_decode(outcomes: dict[str, list[str]], scenario: str) -> None:
+    errors = outcomes[scenario]
+    assert not errors, "\n".join(errors[:20])

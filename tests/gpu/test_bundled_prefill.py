@@ -1,0 +1,414 @@
+"""The bundled transport's prefill path (expanded, `cpu_sync=True`) on all GPUs of the
+host, one process each (NCCL): dispatch bit for bit against the torch transport (rows,
+scales, ids, weights, per-expert and per-source counts), combine within bf16 rounding of
+the dense fp32 sum, and a long random soak checked on the device against a vectorized
+reference.
+
+One spawn runs every scenario; mismatches are collected rather than raised so all ranks
+keep making the same calls.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from moe_plugin.launch import run_workers
+from moe_plugin.transport import DispatchResult, Transport, TransportSpec, make_transport
+from moe_plugin.transport.base import SCALE_BLOCK
+from tests.gpu.test_bundled_decode import Inputs, combine_mismatches, make_inputs, y_of
+
+pytestmark = pytest.mark.gpu
+
+FP8 = torch.float8_e4m3fn
+BF16 = torch.bfloat16
+DEEPSEEK = (7168, 256, 8)  # hidden, experts, topk
+TIMEOUT_S = 20.0
+
+
+# ------------------------------------------------------------------------- helpers
+def dispatch(t: Transport, inp: Inputs, *, slot: int = 0, alignment: int = 1,
+             hook: bool = False) -> DispatchResult:
+    """Expanded dispatch of this rank's part of `inp` (through the hook when `hook`)."""
+    x, idx, w, scales = inp.of(dist.get_rank())
+    got = t.dispatch(x, idx, w, x_scales=scales, expand=True, cpu_sync=True, slot=slot,
+                     expert_alignment=alignment, return_recv_hook=hook)
+    return got() if hook else got
+
+
+def combine(t: Transport, res: DispatchResult, *, slot: int = 0, hook: bool = False
+            ) -> torch.Tensor:
+    """Combine of the toy experts' outputs for `res` (through the hook when `hook`)."""
+    y = y_of(res, dist.get_rank(), t.num_local_experts)
+    out = t.combine(y, res.handle, slot=slot, return_recv_hook=hook)
+    return out() if hook else out
+
+
+def compare_expanded(a: DispatchResult, b: DispatchResult, what: str) -> list[str]:
+    """Bitwise equality of two expanded results: counts, segment sizes, every id and weight,
+    and the data and scales of every row that is not alignment padding."""
+    ha, hb = a.handle, b.handle
+    if ha.num_recv_tokens_per_expert != hb.num_recv_tokens_per_expert:
+        return [f"{what}: segments {ha.num_recv_tokens_per_expert} != "
+                f"{hb.num_recv_tokens_per_expert}"]
+    errors = []
+    for name, u, v in (("recv_counts", ha.recv_counts, hb.recv_counts),
+                       ("segments (device)", ha.num_recv_tokens_per_expert_device,
+                        hb.num_recv_tokens_per_expert_device)):
+        if u.dtype != torch.int32 or not torch.equal(u, v):
+            errors.append(f"{what}: {name} {u.tolist()} ({u.dtype}) != {v.tolist()}")
+    rows = (b.recv_topk_idx[:, 0] >= 0).nonzero().flatten()
+    pairs = [("recv_x rows", a.recv_x.view(torch.uint8)[rows], b.recv_x.view(torch.uint8)[rows]),
+             ("recv_topk_idx", a.recv_topk_idx, b.recv_topk_idx),
+             ("recv_topk_weights", a.recv_topk_weights.view(torch.int32),
+              b.recv_topk_weights.view(torch.int32))]
+    if (a.recv_scales is None) != (b.recv_scales is None):
+        return errors + [f"{what}: recv_scales present on one transport only"]
+    if a.recv_scales is not None:
+        pairs.append(("recv_scales rows", a.recv_scales.view(torch.int32)[rows],
+                      b.recv_scales.view(torch.int32)[rows]))
+    for name, u, v in pairs:
+        if u.shape != v.shape or u.dtype != v.dtype:
+            errors.append(f"{what}: {name} {u.dtype}{list(u.shape)} != {v.dtype}{list(v.shape)}")
+        elif not torch.equal(u, v):
+            errors.append(f"{what}: {name} differ in {int((u != v).sum())} elements")
+    return errors
+
+
+def against_torch(bundled: Transport, ref: Transport, inp: Inputs, what: str, *,
+                  slot: int = 0, alignment: int = 1, hook: bool = False) -> list[str]:
+    """One dispatch + combine on both transports: dispatch equal bit for bit, combine
+    within bf16 rounding of the dense sum (and zero for tokens with no expert)."""
+    got = dispatch(bundled, inp, slot=slot, alignment=alignment, hook=hook)
+    want = dispatch(ref, inp, alignment=alignment)
+    errors = compare_expanded(got, want, what)
+    out = combine(bundled, got, slot=slot, hook=hook)
+    combine(ref, want)
+    bad = int(combine_mismatches(out, inp, dist.get_rank()))
+    if bad:
+        errors.append(f"{what}: combine off the dense sum in {bad} elements")
+    return errors
+
+
+def expected_mismatches(res: DispatchResult, inp: Inputs, alignment: int) -> torch.Tensor:
+    """Elements of an expanded result that differ from a vectorized reference (device int64
+    scalar, no host sync): segment sizes, per-source counts, every pair's row (data, scales,
+    id, weight) at its place, and ids -1 / weights 0 everywhere else."""
+    spec, rank = inp.spec, dist.get_rank()
+    world = len(inp.tokens)
+    local = spec.num_experts // world
+    device = inp.x.device
+    lids, rows, weights, scales, counts = [], [], [], [], []
+    for s in range(world):
+        n = inp.tokens[s]
+        idx = inp.idx[s, :n]
+        mine = ((idx >= rank * local) & (idx < (rank + 1) * local)).flatten()
+        token = torch.arange(n, device=device).repeat_interleave(spec.num_topk)[mine]
+        lids.append((idx.flatten() - rank * local)[mine])
+        rows.append(inp.x[s, token])
+        weights.append(inp.w[s, :n].flatten()[mine])
+        if inp.scales is not None:
+            scales.append(inp.scales[s, token])
+        counts.append(mine.sum())
+    lid = torch.cat(lids)
+    order = torch.sort(lid, stable=True).indices  # (expert, source, token, choice)
+    lid = lid[order]
+    per_expert = torch.zeros(local, dtype=torch.int64, device=device).scatter_add_(
+        0, lid, torch.ones_like(lid))
+    padded = (per_expert + alignment - 1) // alignment * alignment
+    seg_start = torch.cumsum(padded, 0) - padded
+    first_of_expert = torch.cumsum(per_expert, 0) - per_expert
+    place = seg_start[lid] + torch.arange(lid.numel(), device=device) - first_of_expert[lid]
+    got_rows = sum(res.handle.num_recv_tokens_per_expert)
+    place = place.clamp(max=max(got_rows - 1, 0))  # a wrong size is counted below
+    bad = (torch.tensor(res.handle.num_recv_tokens_per_expert, device=device) != padded).sum()
+    bad += (res.handle.num_recv_tokens_per_expert_device != padded).sum()
+    bad += (res.handle.recv_counts != torch.stack(counts).to(torch.int32)).sum()
+    if lid.numel() and got_rows:
+        bad += (res.recv_x[place].view(torch.uint8)
+                != torch.cat(rows)[order].view(torch.uint8)).sum()
+        bad += (res.recv_topk_idx[place, 0] != lid).sum()
+        bad += (res.recv_topk_weights[place, 0].view(torch.int32)
+                != torch.cat(weights)[order].view(torch.int32)).sum()
+        if scales:
+            bad += (res.recv_scales[place].view(torch.int32)
+                    != torch.cat(scales)[order].view(torch.int32)).sum()
+    ids = res.recv_topk_idx[:, 0]
+    bad += ((ids >= 0).sum() - lid.numel()).abs()
+    bad += ((ids < 0) & (res.recv_topk_weights[:, 0] != 0)).sum()
+    return bad
+
+
+def build_pair(spec: TransportSpec, **kw: object) -> tuple[Transport, Transport]:
+    bundled = make_transport("bundled", spec, None, timeout_s=TIMEOUT_S, **kw)
+    return bundled, make_transport("torch", spec, None)
+
+
+def release(*transports: Transport) -> None:
+    for t in transports:
+        t.destroy()
+
+
+def rotate(values: list[int], world: int, shift: int) -> list[int]:
+    return [values[(r + shift) % len(values)] for r in range(world)]
+
+
+def one_expert(inp: Inputs, every_choice: bool) -> Inputs:
+    """Every token of every rank to one expert: in its first choice only (the rest -1), or
+    in every choice (a token listing the same expert K times sends K rows)."""
+    hot = (inp.spec.num_experts * 5) // 7
+    idx = torch.full_like(inp.idx, hot) if every_choice else torch.full_like(inp.idx, -1)
+    idx[..., 0] = hot
+    return Inputs(inp.spec, inp.tokens, inp.x, inp.scales, idx, inp.w)
+
+
+# ------------------------------------------------------------------------ scenarios
+def scenario_large(world: int) -> list[str]:
+    """deepseek-v3 shapes, T in {0, 1, 4096, 16384} across ranks, bf16 and fp8, alignment
+    1 and 128, num_sms 24 and every SM."""
+    errors = []
+    hidden, experts, topk = DEEPSEEK
+    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    for dtype, num_sms in ((BF16, 24), (FP8, sms)):
+        spec = TransportSpec(16384, hidden, topk, experts, dtype)
+        bundled, ref = build_pair(spec, num_sms=num_sms)
+        for shift, alignment in ((0, 1), (1, 128)):
+            tokens = rotate([16384, 0, 4096, 1], world, shift)
+            inp = make_inputs(spec, world, tokens, seed=10 + shift)
+            errors += against_torch(bundled, ref, inp, f"{dtype} T{tokens} align {alignment}",
+                                    alignment=alignment)
+            del inp
+        bundled.check()
+        release(bundled, ref)
+        torch.cuda.empty_cache()
+    return errors
+
+
+def scenario_shapes(world: int) -> list[str]:
+    """K in {1, 2, 8, 16, 32}, several H and E, every routing (uniform, skewed with repeated
+    ids, none, mixed), both dtypes, alignments 1, 8 and 128, T from 0 to Tmax."""
+    errors = []
+    rng = random.Random(11)
+    shapes = [(8, 1, world), (136, 2, 2 * world), (2048, 8, 128), (512, 16, 64),
+              (1024, 32, 64), (256, 8, 8 * world), (4096, 2, 8)]
+    for hidden, topk, experts in shapes:
+        for dtype in (BF16, FP8):
+            if dtype == FP8 and hidden % SCALE_BLOCK:
+                continue
+            spec = TransportSpec(200, hidden, topk, experts, dtype)
+            bundled, ref = build_pair(spec, num_sms=rng.choice([1, 8, 24]))
+            for routing in ("uniform", "skewed", "none", "mixed"):
+                tokens = [rng.choice([0, 1, 63, 64, 65, 200]) for _ in range(world)]
+                alignment = rng.choice([1, 8, 128])
+                inp = make_inputs(spec, world, tokens, rng.randrange(1 << 20), routing)
+                errors += against_torch(bundled, ref, inp, f"H{hidden} K{topk} E{experts} "
+                                        f"{dtype} {routing} T{tokens} align {alignment}",
+                                        alignment=alignment)
+            bundled.check()
+            release(bundled, ref)
+    return errors
+
+
+def scenario_one_expert(world: int) -> list[str]:
+    """All tokens of all ranks to one expert (first choice only, then every choice)."""
+    errors = []
+    spec = TransportSpec(512, 2048, 8, 16 * world, BF16)
+    bundled, ref = build_pair(spec)
+    for every_choice in (False, True):
+        for alignment in (1, 128):
+            inp = one_expert(make_inputs(spec, world, rotate([512, 300, 0, 1], world, 0),
+                                         seed=3), every_choice)
+            errors += against_torch(bundled, ref, inp, f"one expert every={every_choice} "
+                                    f"align {alignment}", alignment=alignment)
+    bundled.check()
+    release(bundled, ref)
+    return errors
+
+
+def scenario_slots_and_hooks(world: int) -> list[str]:
+    """Split phases on both slots, interleaved (send 0, send 1, receive 1, receive 0, then
+    combines in the other order), checked against the torch transport."""
+    errors = []
+    rank = dist.get_rank()
+    for dtype in (BF16, FP8):
+        spec = TransportSpec(256, 1024, 8, 64, dtype)
+        bundled, ref = build_pair(spec)
+        for it in range(4):
+            inps = [make_inputs(spec, world, rotate([256, 0, 77, 130], world, it + s),
+                                seed=200 + 2 * it + s, routing="mixed") for s in range(2)]
+            hooks = []
+            for slot in (0, 1):
+                x, idx, w, scales = inps[slot].of(rank)
+                hooks.append(bundled.dispatch(x, idx, w, x_scales=scales, expand=True,
+                                              cpu_sync=True, slot=slot, expert_alignment=16,
+                                              return_recv_hook=True))
+            results = [None, hooks[1]()]
+            results[0] = hooks[0]()
+            combine_hooks = []
+            for slot in (1, 0):
+                y = y_of(results[slot], rank, bundled.num_local_experts)
+                combine_hooks.append((slot, bundled.combine(y, results[slot].handle, slot=slot,
+                                                            return_recv_hook=True)))
+            outs = {slot: hook() for slot, hook in combine_hooks}
+            for slot in (0, 1):
+                want = dispatch(ref, inps[slot], alignment=16)
+                errors += compare_expanded(results[slot], want, f"{dtype} iter {it} slot {slot}")
+                bad = int(combine_mismatches(outs[slot], inps[slot], rank))
+                if bad:
+                    errors.append(f"{dtype} iter {it} slot {slot}: combine off in {bad} "
+                                  "elements")
+            errors += against_torch(bundled, ref, inps[0], f"{dtype} iter {it} plain",
+                                    slot=it % 2)
+        bundled.check()
+        release(bundled, ref)
+    return errors
+
+
+def scenario_soak(world: int) -> list[str]:
+    """1,000 random calls (T, routing, slot, split phases, alignment, payload), each checked
+    on the device against the vectorized reference; nothing may be lost or misplaced."""
+    rank = dist.get_rank()
+    specs = [TransportSpec(300, 512, 6, 8 * world, BF16),
+             TransportSpec(300, 256, 8, 16 * world, FP8)]
+    transports = [make_transport("bundled", s, None, timeout_s=TIMEOUT_S, num_sms=n)
+                  for s, n in zip(specs, (24, 2 * world), strict=True)]
+    rng = random.Random(99)
+    device = torch.device("cuda", torch.cuda.current_device())
+    bad = torch.zeros((), dtype=torch.int64, device=device)
+    for it in range(1000):
+        which = rng.randrange(2)
+        t, spec = transports[which], specs[which]
+        tokens = [rng.choice([0, rng.randint(1, 300), 300]) for _ in range(world)]
+        inp = make_inputs(spec, world, tokens, seed=it,
+                          routing=rng.choice(["uniform", "uniform", "skewed", "mixed"]))
+        slot, hook = rng.randrange(2), rng.random() < 0.5
+        alignment = rng.choice([1, 1, 4, 128])
+        res = dispatch(t, inp, slot=slot, alignment=alignment, hook=hook)
+        bad += expected_mismatches(res, inp, alignment)
+        bad += combine_mismatches(combine(t, res, slot=slot, hook=hook), inp, rank)
+    for t in transports:
+        t.check()
+        t.destroy()
+    n = int(bad)
+    return [f"soak: {n} mismatching elements over 1,000 calls"] if n else []
+
+
+def scenario_bad_ids(world: int) -> list[str]:
+    """Ids outside [-1, E) are dropped (as if -1) and counted; check() names the count."""
+    errors = []
+    rank = dist.get_rank()
+    spec = TransportSpec(256, 512, 8, 16 * world, FP8)
+    bundled, ref = build_pair(spec)
+    expected_dropped = 0
+    for it in range(3):
+        inp = make_inputs(spec, world, rotate([256, 100, 0, 31], world, it), seed=500 + it,
+                          bad_ids=True)
+        _, idx, _, _ = inp.of(rank)
+        expected_dropped += int(((idx < -1) | (idx >= spec.num_experts)).sum())
+        errors += against_torch(bundled, ref, inp, f"bad ids {it}", alignment=4)
+    dropped = int(bundled.dropped_ids.item())
+    if dropped != expected_dropped:
+        errors.append(f"dropped_ids {dropped}, expected {expected_dropped}")
+    try:
+        bundled.check()
+        if expected_dropped:
+            errors.append("check() did not raise on dropped ids")
+    except RuntimeError as e:
+        if f"{expected_dropped} expert ids" not in str(e):
+            errors.append(f"check() message does not name the count: {e}")
+    release(bundled, ref)
+    return errors
+
+
+def scenario_stale_handle(world: int) -> list[str]:
+    """A handle is used by one combine, before the next dispatch on its slot."""
+    errors = []
+    spec = TransportSpec(32, 256, 2, 2 * world, BF16)
+    bundled = make_transport("bundled", spec, None, timeout_s=TIMEOUT_S)
+    inp = make_inputs(spec, world, [32] * world, seed=1)
+    first = dispatch(bundled, inp)
+    second = dispatch(bundled, inp)
+    y = torch.zeros(sum(first.handle.num_recv_tokens_per_expert), spec.hidden, dtype=BF16,
+                    device=inp.x.device)
+    try:
+        bundled.combine(y, first.handle)
+        errors.append("a handle older than the latest dispatch on its slot was accepted")
+    except ValueError as e:
+        if "slot 0" not in str(e):
+            errors.append(f"unclear message for a stale handle: {e}")
+    combine(bundled, second)
+    try:
+        combine(bundled, second)
+        errors.append("a second combine of one dispatch was accepted")
+    except ValueError as e:
+        if "already combined" not in str(e):
+            errors.append(f"unclear message for a second combine: {e}")
+    bundled.check()
+    bundled.destroy()
+    return errors
+
+
+def scenario_absent_peer(world: int) -> list[str]:
+    """The last rank never calls: the others' dispatch fails after the 2 s bound, naming
+    this rank and the absent peer."""
+    rank = dist.get_rank()
+    spec = TransportSpec(16, 256, 2, 2 * world, BF16)
+    t = make_transport("bundled", spec, None, timeout_s=2.0)
+    errors = []
+    if rank != world - 1:
+        inp = make_inputs(spec, world, [16] * world, seed=3)
+        try:
+            dispatch(t, inp)
+            errors.append(f"rank {rank}: dispatch returned although rank {world - 1} never "
+                          "called")
+        except RuntimeError as e:
+            text = str(e)
+            if f"rank {rank}" not in text or f"peer rank {world - 1}" not in text \
+                    or "timed out" not in text:
+                errors.append(f"rank {rank}: unclear timeout message: {text}")
+    t.destroy()
+    return errors
+
+
+SCENARIOS: dict[str, Callable[[int], list[str]]] = {
+    "large": scenario_large,
+    "shapes": scenario_shapes,
+    "one_expert": scenario_one_expert,
+    "slots_and_hooks": scenario_slots_and_hooks,
+    "soak": scenario_soak,
+    "bad_ids": scenario_bad_ids,
+    "stale_handle": scenario_stale_handle,
+    "absent_peer": scenario_absent_peer,
+}
+
+
+def battery(rank: int, world: int) -> dict[str, list[str]]:
+    """Run every scenario on this rank; return its mismatch messages per scenario."""
+    torch.manual_seed(rank)
+    out = {}
+    for name, fn in SCENARIOS.items():
+        out[name] = fn(world)
+        dist.barrier()
+    return out
+
+
+# --------------------------------------------------------------------------- tests
+def _world() -> int:
+    count = torch.cuda.device_count()
+    return max(r for r in (2, 4, 8) if r <= count)
+
+
+@pytest.fixture(scope="module")
+def outcomes() -> dict[str, list[str]]:
+    per_rank = run_workers(battery, _world(), timeout_s=900)
+    return {name: [m for r in per_rank for m in r[name]] for name in SCENARIOS}
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_bundled_prefill(outcomes: dict[str, list[str]], scenario: str) -> None:
+    errors = outcomes[scenario]
+    assert not errors, "\n".join(errors[:20])

@@ -375,13 +375,13 @@ def scenario_absent_peer(world: int) -> list[str]:
 
 
 SCENARIOS: dict[str, Callable[[int], list[str]]] = {
-    "large": scenario_large,
     "shapes": scenario_shapes,
     "one_expert": scenario_one_expert,
     "slots_and_hooks": scenario_slots_and_hooks,
-    "soak": scenario_soak,
     "bad_ids": scenario_bad_ids,
     "stale_handle": scenario_stale_handle,
+    "soak": scenario_soak,
+    "large": scenario_large,
     "absent_peer": scenario_absent_peer,
 }
 

@@ -345,6 +345,7 @@ __global__ void __launch_bounds__(kExchangeThreads) exchange_kernel(const __grid
       if (tid == 0) row[E] = a.T;
     }
   }
+  fence_acq_rel_sys();
   __syncthreads();
   if (tid == 0 && !failed) {
     fence_acq_rel_sys();
@@ -395,6 +396,7 @@ __global__ void __launch_bounds__(kExchangeThreads) exchange_kernel(const __grid
     a.recv_counts[s] = received;
     host[kHead + s] = received;
     host[kHead + R + s] = __ldcg(counts + s * (E + 1) + E);
+    fence_acq_rel_sys();
   }
   __syncthreads();
   if (tid == 0) {
@@ -515,6 +517,7 @@ __device__ void dispatch_send(const DispatchArgs& a, int d, int index, int count
         warp_copy_scales<false>(a.x_scales + tk * g.nscales, g.nscales,
                                 reinterpret_cast<float*>(dst + g.row_bytes), 0, 1u, lane);
     }
+    fence_acq_rel_sys();  // this thread's peer stores, before thread 0 releases the chunk
     __syncthreads();
     if (tid == 0) {
       *reinterpret_cast<volatile int*>(int_at(peer, g.off_ready_n, me * g.C + c)) = n;
@@ -667,6 +670,7 @@ __device__ void combine_send(const CombineArgs& a, int s, int index, int count) 
         }
       }
     }
+    fence_acq_rel_sys();  // this thread's peer stores, before thread 0 releases the chunk
     __syncthreads();
     if (tid == 0) {
       *reinterpret_cast<volatile int*>(int_at(peer, g.off_ready_n, me * g.C + c)) = n;

@@ -1,0 +1,1 @@
+"""Test suite of moe_plugin (a package, so spawned test workers can be pickled)."""

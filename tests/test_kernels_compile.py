@@ -89,7 +89,7 @@ def test_decode_layout_rejects_bad_shapes(library: Path) -> None:
     fn = lib.moe_decode_layout
     fn.restype = ctypes.c_int
     out = (ctypes.c_longlong * 8)()
-    for args in ((1, 8, 256, 2, 12, 0, 0, 0), (4, 8, 100, 2, 16, 0, 0, 0),
+    for args in ((3, 8, 256, 2, 12, 0, 0, 0), (4, 8, 100, 2, 16, 0, 0, 0),
                  (4, 8, 136, 2, 16, 1, 0, 0), (4, 8, 256, 33, 16, 0, 0, 0),
                  (4, 8, 256, 2, 16, 0, 2, 0)):
         assert fn(*(ctypes.c_longlong(a) for a in args), out) != 0, args

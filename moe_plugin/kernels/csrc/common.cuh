@@ -168,14 +168,22 @@ __device__ __forceinline__ int warp_sum(int v) {
   return v;
 }
 
-// Arrive at a grid-wide counter; true in exactly one thread of the last block to arrive,
-// which then observes every other block's writes made before its arrival. Resets the
-// counter for the next launch. Call from every block, after __syncthreads(), thread 0 only.
-__device__ __forceinline__ bool last_block_arrival(unsigned* counter) {
-  fence_acq_rel_sys();
-  const unsigned prev = atomicAdd(counter, 1u);
-  if (prev != gridDim.x - 1) return false;
-  fence_acq_rel_sys();
-  *counter = 0;
-  return true;
+// Arrive at a grid-wide counter after this block's stores; returns true (in every thread
+// of the block) in the last block to arrive, which then observes every other block's
+// stores made before its arrival, at system scope. Resets the counter for the next launch.
+// Call from every thread of every block, at the same point.
+__device__ __forceinline__ bool arrive_last_block(unsigned* counter) {
+  __shared__ bool last;
+  fence_acq_rel_sys();  // each thread's own stores (peer stores included) first
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const unsigned prev = atomicAdd(counter, 1u);
+    last = prev == gridDim.x - 1;
+    if (last) {
+      fence_acq_rel_sys();
+      *counter = 0;
+    }
+  }
+  __syncthreads();
+  return last;
 }

@@ -23,7 +23,7 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kMaxRanks = 8;
 constexpr int kUnroll = 4;
 constexpr int kSegment16 = 32 * kUnroll;  // 16-byte words one warp moves per work item
-constexpr int kRecvOnlyBlocks = 16;        // a receive half alone does little work
+constexpr int kRecvOnlyBlocks = 16;
 constexpr int kAlign = 256;
 
 constexpr int kPhaseSend = 1;
@@ -161,7 +161,7 @@ __device__ __forceinline__ unsigned wait_all_flags(const Params& p, long long fl
   return arrived;
 }
 
-__global__ void __launch_bounds__(kThreads, 1) decode_dispatch_kernel(const Params p) {
+__global__ void __launch_bounds__(kThreads, 2) decode_dispatch_kernel(const Params p) {
   extern __shared__ int smem[];
   __shared__ char* peers[kMaxRanks];
   __shared__ int totals[kMaxRanks];
@@ -175,28 +175,34 @@ __global__ void __launch_bounds__(kThreads, 1) decode_dispatch_kernel(const Para
 
   if (p.phases & kPhaseSend) {
     // Routing table, computed by every block: pos[t*R + r] = row of token t among this
-    // rank's tokens bound for r, or -1. Each thread owns a contiguous run of tokens.
-    int* pos = smem;
+    // rank's tokens bound for r, or -1. Ranks of each token first, from coalesced loads.
+    unsigned* mask = reinterpret_cast<unsigned*>(smem);
+    int* pos = smem + d.Tmax;
+    for (int t = tid; t < T; t += kThreads) mask[t] = 0;
+    __syncthreads();
+    long long dropped = 0;
+    for (int j = tid; j < T * d.K; j += kThreads) {
+      const long long id = p.topk_idx[j];
+      if (id >= 0 && id < d.E)
+        atomicOr(&mask[j / d.K], 1u << (int)(id / d.L));
+      else if (id != -1)
+        ++dropped;
+    }
+    if (blockIdx.x == 0 && dropped) atomicAdd(p.dropped, (unsigned long long)dropped);
+    __syncthreads();
+    // Each thread owns a contiguous run of tokens.
     const int per_thread = (T + kThreads - 1) / kThreads;
     const int t0 = min(T, tid * per_thread), t1 = min(T, t0 + per_thread);
     int count[kMaxRanks];
 #pragma unroll
     for (int r = 0; r < kMaxRanks; ++r) count[r] = 0;
-    long long dropped = 0;
     for (int t = t0; t < t1; ++t) {
-      unsigned mask = 0;
-      for (int k = 0; k < d.K; ++k) {
-        const long long id = p.topk_idx[(long long)t * d.K + k];
-        if (id >= 0 && id < d.E)
-          mask |= 1u << (int)(id / d.L);
-        else if (id != -1)
-          ++dropped;
-      }
+      const unsigned m = mask[t];
 #pragma unroll
       for (int r = 0; r < kMaxRanks; ++r) {
         if (r < R) {
-          pos[t * R + r] = (mask >> r) & 1 ? count[r] : -1;
-          count[r] += (mask >> r) & 1;
+          pos[t * R + r] = (m >> r) & 1 ? count[r] : -1;
+          count[r] += (m >> r) & 1;
         }
       }
     }
@@ -212,7 +218,6 @@ __global__ void __launch_bounds__(kThreads, 1) decode_dispatch_kernel(const Para
       if (lane == 31) warp_counts[warp][r] = incl;
       count[r] = incl - count[r];
     }
-    if (blockIdx.x == 0 && dropped) atomicAdd(p.dropped, (unsigned long long)dropped);
     __syncthreads();
     if (tid < R) {
       int run = 0;
@@ -271,11 +276,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_dispatch_kernel(const Para
               p.x_scales[(long long)t * d.S + j];
       }
     }
-    __syncthreads();
-    __shared__ bool last;
-    if (tid == 0) last = last_block_arrival(&counters->done[0]);
-    __syncthreads();
-    if (last && tid == 0) {
+    if (arrive_last_block(&counters->done[0]) && tid == 0) {
       for (int r = 0; r < R; ++r)
         reinterpret_cast<int*>(peers[r] + p.off.counts)[me] = totals[r];
       release_flags(p, peers, p.off.dispatch_flags, seq);
@@ -307,8 +308,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_dispatch_kernel(const Para
         w[j] = 0.f;
       }
     }
-    __syncthreads();
-    if (tid == 0 && last_block_arrival(&counters->done[1])) counters->dispatch_seq = seq;
+    if (arrive_last_block(&counters->done[1]) && tid == 0) counters->dispatch_seq = seq;
   }
 }
 
@@ -331,10 +331,12 @@ __device__ __forceinline__ int4 pack_bf16x8(const float* acc) {
   return make_int4((int)w[0], (int)w[1], (int)w[2], (int)w[3]);
 }
 
-__global__ void __launch_bounds__(kThreads, 1) decode_combine_kernel(const Params p) {
+// R is a template argument so the reduction keeps exactly R rows in registers.
+template <int R>
+__global__ void __launch_bounds__(kThreads, R < 8 ? 2 : 1) decode_combine_kernel(const Params p) {
   __shared__ char* peers[kMaxRanks];
   const Dims& d = p.dims;
-  const int R = d.R, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   SlotCounters* counters = counters_of(p);
   const unsigned long long seq =
       *reinterpret_cast<volatile unsigned long long*>(&counters->combine_seq) + 1;
@@ -365,11 +367,8 @@ __global__ void __launch_bounds__(kThreads, 1) decode_combine_kernel(const Param
           reinterpret_cast<const int4*>(p.y + src_row * row_bytes) + start,
           min(kSegment16, h16 - start), lane, 32);
     }
-    __syncthreads();
-    __shared__ bool last;
-    if (tid == 0) last = last_block_arrival(&counters->done[2]);
-    __syncthreads();
-    if (last && tid == 0) release_flags(p, peers, p.off.combine_flags, seq);
+    if (arrive_last_block(&counters->done[2]) && tid == 0)
+      release_flags(p, peers, p.off.combine_flags, seq);
   }
 
   if (p.phases & kPhaseRecv) {
@@ -380,28 +379,32 @@ __global__ void __launch_bounds__(kThreads, 1) decode_combine_kernel(const Param
     for (long long j = (long long)blockIdx.x * kThreads + tid; j < items;
          j += (long long)gridDim.x * kThreads) {
       const int t = (int)(j / h16), c = (int)(j % h16);
+      // All of the token's rows are loaded before any is added, to keep them in flight;
+      // the sum runs in rank order.
+      int4 v[R];
+      bool has[R];
+#pragma unroll
+      for (int e = 0; e < R; ++e) {
+        const int i = (arrived >> e) & 1 ? pos[t * R + e] : -1;
+        has[e] = i >= 0;
+        if (has[e])
+          v[e] = ld_cg_v4(reinterpret_cast<const int4*>(
+                              comb + ((long long)e * d.Tmax + i) * row_bytes) + c);
+      }
       float acc[8];
 #pragma unroll
       for (int u = 0; u < 8; ++u) acc[u] = 0.f;
 #pragma unroll
-      for (int e = 0; e < kMaxRanks; ++e) {
-        if (e < R && ((arrived >> e) & 1)) {
-          const int i = pos[t * R + e];
-          if (i >= 0)
-            add_bf16x8(acc, ld_cg_v4(reinterpret_cast<const int4*>(
-                                         comb + ((long long)e * d.Tmax + i) * row_bytes) +
-                                     c));
-        }
-      }
+      for (int e = 0; e < R; ++e)
+        if (has[e]) add_bf16x8(acc, v[e]);
       reinterpret_cast<int4*>(p.out)[j] = pack_bf16x8(acc);
     }
-    __syncthreads();
-    if (tid == 0 && last_block_arrival(&counters->done[3])) counters->combine_seq = seq;
+    if (arrive_last_block(&counters->done[3]) && tid == 0) counters->combine_seq = seq;
   }
 }
 
 bool dims_valid(const Dims& d) {
-  return d.R >= 2 && d.R <= kMaxRanks && d.rank >= 0 && d.rank < d.R && d.Tmax >= 1 &&
+  return (d.R == 2 || d.R == 4 || d.R == 8) && d.rank >= 0 && d.rank < d.R && d.Tmax >= 1 &&
          d.H >= 8 && d.H % 8 == 0 && d.K >= 1 && d.K <= 32 && d.E >= d.R && d.E % d.R == 0 &&
          (!d.fp8 || d.H % 128 == 0);
 }
@@ -445,7 +448,8 @@ bool call_valid(const Plan* plan, long long slot, long long parity, long long ph
          T <= plan->dims.Tmax;
 }
 
-int grid_for(const Plan& plan, long long phases) {
+// A dispatch's receive half alone only marks padding rows: a few blocks do.
+int dispatch_grid(const Plan& plan, long long phases) {
   return phases == kPhaseRecv ? (plan.grid < kRecvOnlyBlocks ? plan.grid : kRecvOnlyBlocks)
                               : plan.grid;
 }
@@ -483,7 +487,7 @@ MOE_EXPORT int moe_decode_plan_create(void** plan_out, long long device, long lo
       dropped == nullptr || err == nullptr || timeout_ns <= 0 || grid < R)
     return MOE_STATUS_INVALID_ARGUMENT;
   MOE_TRY(cudaSetDevice((int)device));
-  const size_t smem = sizeof(int) * (size_t)Tmax * (size_t)R;
+  const size_t smem = sizeof(int) * (size_t)Tmax * (size_t)(R + 1);  // mask + pos
   int max_optin = 0;
   MOE_TRY(cudaDeviceGetAttribute(&max_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin,
                                  (int)device));
@@ -529,7 +533,7 @@ MOE_EXPORT int moe_decode_dispatch(void* plan_ptr, void* stream, const void* x,
   p.topk_idx = static_cast<const long long*>(topk_idx);
   p.topk_w = static_cast<const float*>(topk_w);
   MOE_TRY(cudaSetDevice(plan->device));
-  decode_dispatch_kernel<<<grid_for(*plan, phases), kThreads, plan->smem,
+  decode_dispatch_kernel<<<dispatch_grid(*plan, phases), kThreads, plan->smem,
                            static_cast<cudaStream_t>(stream)>>>(p);
   MOE_TRY(cudaGetLastError());
   return 0;
@@ -548,8 +552,12 @@ MOE_EXPORT int moe_decode_combine(void* plan_ptr, void* stream, const void* y, v
   p.y = static_cast<const char*>(y);
   p.out = static_cast<char*>(out);
   MOE_TRY(cudaSetDevice(plan->device));
-  decode_combine_kernel<<<grid_for(*plan, phases), kThreads, 0,
-                          static_cast<cudaStream_t>(stream)>>>(p);
+  const cudaStream_t st = static_cast<cudaStream_t>(stream);
+  switch (plan->dims.R) {
+    case 2: decode_combine_kernel<2><<<plan->grid, kThreads, 0, st>>>(p); break;
+    case 4: decode_combine_kernel<4><<<plan->grid, kThreads, 0, st>>>(p); break;
+    default: decode_combine_kernel<8><<<plan->grid, kThreads, 0, st>>>(p); break;
+  }
   MOE_TRY(cudaGetLastError());
   return 0;
 }

@@ -108,6 +108,7 @@ class DecodePath:
         """Non-expanded dispatch (arguments checked by the transport). The result's tensors
         are views of this slot's current receive buffers."""
         plan = self._live_plan()
+        _check_aligned("x", x)
         parity = self._next_parity[slot]
         self._next_parity[slot] ^= 1
         self._calls[slot] += 1
@@ -140,6 +141,7 @@ class DecodePath:
         """out [T, H] bf16 for the tokens of `handle`'s dispatch (one of the last two
         dispatches on `slot`)."""
         plan = self._live_plan()
+        _check_aligned("y", y)
         state = handle.state
         if not isinstance(state, _DecodeState) or state.path is not self:
             raise ValueError("handle was not made by this transport's decode dispatch")
@@ -179,3 +181,10 @@ class DecodePath:
         if self._plan is None:
             raise RuntimeError("the transport was destroyed")
         return self._plan
+
+
+def _check_aligned(name: str, t: torch.Tensor) -> None:
+    """The kernels move rows in 16-byte words: a non-empty payload must start on one."""
+    if t.numel() and t.data_ptr() % 16:
+        raise ValueError(f"{name} must start at a 16-byte aligned address (data_ptr "
+                         f"{t.data_ptr():#x} is {t.data_ptr() % 16} bytes past one)")

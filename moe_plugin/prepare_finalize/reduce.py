@@ -35,7 +35,7 @@ def rows_for_combine(fused_expert_output: torch.Tensor, topk_weights: torch.Tens
         rows = weight_and_reduce_impl.apply(
             output=None, fused_expert_output=fused_expert_output, topk_weights=topk_weights,
             topk_ids=topk_ids, apply_router_weight_on_input=apply_router_weight_on_input)
-    return rows.reshape(topk_ids.shape[0], -1).to(torch.bfloat16).contiguous()
+    return rows.reshape(topk_ids.shape[0], rows.shape[-1]).to(torch.bfloat16).contiguous()
 
 
 def masked_weight_and_reduce(fused_expert_output: torch.Tensor, topk_weights: torch.Tensor,
@@ -44,7 +44,7 @@ def masked_weight_and_reduce(fused_expert_output: torch.Tensor, topk_weights: to
     """out[m] = sum over k with topk_ids[m, k] >= 0 of w[m, k] * y[m, k], accumulated in
     float32 (w = 1 when the router weight was applied on the input); float32 [M, H]."""
     num_rows, num_topk = topk_ids.shape
-    per_slot = fused_expert_output.reshape(num_rows, num_topk, -1)
+    per_slot = fused_expert_output.reshape(num_rows, num_topk, fused_expert_output.shape[-1])
     valid = topk_ids >= 0
     weights = valid.float() if apply_router_weight_on_input else torch.where(
         valid, topk_weights.float(), 0.0)

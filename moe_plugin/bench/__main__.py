@@ -1,0 +1,5 @@
+"""`python -m moe_plugin.bench`."""
+
+from moe_plugin.bench.cli import main
+
+raise SystemExit(main())

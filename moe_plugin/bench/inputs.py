@@ -1,0 +1,115 @@
+"""Seeded benchmark inputs and the row counts they imply.
+
+Every rank can rebuild every rank's routing from the seed, so each one knows, without
+communicating, how many rows it must receive and how many must cross the GPU links.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from moe_plugin.bench.config import Preset
+from moe_plugin.transport.base import SCALE_BLOCK
+
+FP8_MAX = 448.0
+
+
+@dataclasses.dataclass
+class RankInputs:
+    """One rank's dispatch arguments on its device; `x_ref` is the float32 value the
+    payload stands for (the dequantized fp8, or the bf16 itself)."""
+
+    x: torch.Tensor
+    x_scales: torch.Tensor | None
+    topk_idx: torch.Tensor
+    topk_weights: torch.Tensor
+    x_ref: torch.Tensor
+
+
+def _generator(seed: int, rank: int, stream: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + rank * 101 + stream)
+
+
+def routing(preset: Preset, world_size: int, tokens: int, seed: int) -> torch.Tensor:
+    """[R, T, K] int64 on the CPU: for every source rank, uniform random top-K experts
+    per token, without replacement."""
+    return torch.stack([
+        torch.rand(tokens, preset.num_experts, generator=_generator(seed, s, 0))
+        .topk(preset.num_topk, dim=1).indices
+        for s in range(world_size)
+    ])
+
+
+def quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, H] -> (e4m3 [T, H], float32 scales [T, H/128]), one scale per 128 columns."""
+    blocks = x.float().unflatten(1, (-1, SCALE_BLOCK))
+    scales = blocks.abs().amax(dim=2).clamp(min=1e-6) / FP8_MAX
+    q = (blocks / scales[:, :, None]).to(torch.float8_e4m3fn)
+    return q.flatten(1), scales
+
+
+def dequantize(x: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
+    """float32 value of a bf16 payload, or of an fp8 payload with its block-128 scales."""
+    if scales is None:
+        return x.float()
+    return (x.float().unflatten(1, (-1, SCALE_BLOCK)) * scales[:, :, None]).flatten(1)
+
+
+def rank_inputs(preset: Preset, route: torch.Tensor, rank: int, dtype: str, seed: int,
+                device: torch.device) -> RankInputs:
+    """Rank `rank`'s tokens for `route` [R, T, K] (from `routing`): random bf16 activations
+    (quantized to fp8 when `dtype` is "fp8") and random weights summing to 1 per token."""
+    tokens = route.shape[1]
+    x = torch.randn(tokens, preset.hidden, generator=_generator(seed, rank, 1)).to(torch.bfloat16)
+    weights = torch.rand(tokens, preset.num_topk, generator=_generator(seed, rank, 2)) + 0.1
+    weights /= weights.sum(dim=1, keepdim=True)
+    scales = None
+    if dtype == "fp8":
+        x, scales = quantize_fp8(x)
+        scales = scales.to(device)
+    x = x.to(device)
+    return RankInputs(x=x, x_scales=scales, topk_idx=route[rank].to(device),
+                      topk_weights=weights.to(device), x_ref=dequantize(x, scales))
+
+
+@dataclasses.dataclass(frozen=True)
+class Traffic:
+    """Row counts of one routing, from source rank s to destination rank d.
+
+    `token_rows[s][d]`: tokens of s with at least one expert on d (non-expanded rows, and
+    the least that must travel: a token crosses to a rank once). `expert_rows[s][d]`:
+    (token, expert) pairs of s whose expert lives on d (expanded rows).
+    """
+
+    token_rows: list[list[int]]
+    expert_rows: list[list[int]]
+
+    @classmethod
+    def of(cls, route: torch.Tensor, num_experts: int) -> Traffic:
+        world_size = route.shape[0]
+        owner = route.div(num_experts // world_size, rounding_mode="floor")
+        hits = torch.nn.functional.one_hot(owner, world_size)  # [R, T, K, R]
+        return cls(token_rows=hits.amax(dim=2).sum(dim=1).tolist(),
+                   expert_rows=hits.sum(dim=(1, 2)).tolist())
+
+    def received_rows(self, rank: int, expand: bool) -> list[int]:
+        """Rows `rank` receives from each source rank, its own included."""
+        rows = self.expert_rows if expand else self.token_rows
+        return [rows[s][rank] for s in range(len(rows))]
+
+    def remote_rows(self, rank: int) -> tuple[int, int]:
+        """(out, in): tokens `rank` must send to, and receive from, other ranks, once per
+        (token, rank) pair."""
+        world = range(len(self.token_rows))
+        out = sum(self.token_rows[rank][d] for d in world if d != rank)
+        inbound = sum(self.token_rows[s][rank] for s in world if s != rank)
+        return out, inbound
+
+
+def row_bytes(hidden: int, dtype: str) -> int:
+    """Bytes of one dispatched row: the payload, plus its scales for fp8."""
+    if dtype == "fp8":
+        return hidden + (hidden // SCALE_BLOCK) * 4
+    return hidden * 2

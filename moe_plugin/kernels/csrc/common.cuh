@@ -65,6 +65,12 @@ __device__ __forceinline__ unsigned long long ld_acquire_sys(const unsigned long
   return v;
 }
 
+__device__ __forceinline__ unsigned long long ld_relaxed_sys(const unsigned long long* p) {
+  unsigned long long v;
+  asm volatile("ld.relaxed.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+
 __device__ __forceinline__ void st_release_sys(unsigned long long* p, unsigned long long v) {
   asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
@@ -105,13 +111,15 @@ __device__ __forceinline__ void record_error(const WaitSite& site, int code, int
 // Spin until *flag >= expected (acquire, system scope). Gives up, records the timeout and
 // returns false after site.timeout_ns, or early once any wait of this rank has failed (the
 // transport is then unusable and later calls must not each wait the full timeout).
+// Polls with relaxed loads (lighter on the memory system) and acquires once it succeeds;
+// flags only grow, so the acquiring load sees a release at least as late as the one polled.
 __device__ __forceinline__ bool wait_flag_geq(const unsigned long long* flag,
                                               unsigned long long expected, const WaitSite& site,
                                               int peer) {
   if (ld_acquire_sys(flag) >= expected) return true;
   const unsigned long long start = globaltimer_ns();
   for (unsigned iter = 1;; ++iter) {
-    if (ld_acquire_sys(flag) >= expected) return true;
+    if (ld_relaxed_sys(flag) >= expected) return ld_acquire_sys(flag) >= expected;
     if ((iter & 255u) == 0) {
       if (ld_volatile(&site.err->code) != 0) return false;
       if (globaltimer_ns() - start > (unsigned long long)site.timeout_ns) {

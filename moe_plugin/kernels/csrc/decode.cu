@@ -23,7 +23,7 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kMaxRanks = 8;
 constexpr int kUnroll = 4;
 constexpr int kSegment16 = 32 * kUnroll;  // 16-byte words one warp moves per work item
-constexpr int kRecvOnlyBlocks = 16;
+constexpr int kRecvBlocks = 16;  // blocks of a dispatch's receive half
 constexpr int kAlign = 256;
 
 constexpr int kPhaseSend = 1;
@@ -33,7 +33,8 @@ constexpr int kPhaseRecv = 2;
 struct SlotCounters {
   unsigned long long dispatch_seq;
   unsigned long long combine_seq;
-  unsigned done[4];  // dispatch send, dispatch recv, combine send, combine recv
+  unsigned dispatch_arrivals;  // blocks done with a dispatch's stores
+  unsigned combine_arrivals;
 };
 
 long long align_up(long long v) { return (v + kAlign - 1) / kAlign * kAlign; }
@@ -125,6 +126,14 @@ struct Params {
   char* out;
 };
 
+// The call's sequence number: the send half advances the slot's counter (once all of its
+// blocks have read it), so a receive half launched alone finds it already advanced.
+__device__ __forceinline__ unsigned long long call_seq(const unsigned long long* counter,
+                                                       int phases) {
+  return *reinterpret_cast<const volatile unsigned long long*>(counter) +
+         ((phases & kPhaseSend) ? 1 : 0);
+}
+
 __device__ __forceinline__ SlotCounters* counters_of(const Params& p) {
   return reinterpret_cast<SlotCounters*>(p.local_state + p.off.counters);
 }
@@ -169,8 +178,7 @@ __global__ void __launch_bounds__(kThreads, 2) decode_dispatch_kernel(const Para
   const Dims& d = p.dims;
   const int R = d.R, T = p.T, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   SlotCounters* counters = counters_of(p);
-  const unsigned long long seq =
-      *reinterpret_cast<volatile unsigned long long*>(&counters->dispatch_seq) + 1;
+  const unsigned long long seq = call_seq(&counters->dispatch_seq, p.phases);
   if (tid < kMaxRanks) peers[tid] = tid < R ? p.peers[tid] : nullptr;
 
   if (p.phases & kPhaseSend) {
@@ -276,14 +284,16 @@ __global__ void __launch_bounds__(kThreads, 2) decode_dispatch_kernel(const Para
               p.x_scales[(long long)t * d.S + j];
       }
     }
-    if (arrive_last_block(&counters->done[0]) && tid == 0) {
+    if (arrive_last_block(&counters->dispatch_arrivals) && tid == 0) {
       for (int r = 0; r < R; ++r)
         reinterpret_cast<int*>(peers[r] + p.off.counts)[me] = totals[r];
       release_flags(p, peers, p.off.dispatch_flags, seq);
+      counters->dispatch_seq = seq;  // every block has read it: all have arrived
     }
   }
 
-  if (p.phases & kPhaseRecv) {
+  // The receive half only marks padding rows: a few blocks do it, the rest are done.
+  if ((p.phases & kPhaseRecv) && blockIdx.x < kRecvBlocks) {
     const unsigned arrived = wait_all_flags(p, p.off.dispatch_flags, seq,
                                             MOE_PHASE_DECODE_DISPATCH);
     __shared__ int n_from[kMaxRanks];
@@ -299,8 +309,9 @@ __global__ void __launch_bounds__(kThreads, 2) decode_dispatch_kernel(const Para
     long long* idx = reinterpret_cast<long long*>(peers[d.rank] + p.off.recv_idx);
     float* w = reinterpret_cast<float*>(peers[d.rank] + p.off.recv_w);
     const long long total = (long long)R * d.Tmax * d.K;
+    const int blocks = min((int)gridDim.x, kRecvBlocks);
     for (long long j = (long long)blockIdx.x * kThreads + tid; j < total;
-         j += (long long)gridDim.x * kThreads) {
+         j += (long long)blocks * kThreads) {
       const long long row = j / d.K;
       const int s = (int)(row / d.Tmax), i = (int)(row % d.Tmax);
       if (i >= n_from[s]) {
@@ -308,7 +319,6 @@ __global__ void __launch_bounds__(kThreads, 2) decode_dispatch_kernel(const Para
         w[j] = 0.f;
       }
     }
-    if (arrive_last_block(&counters->done[1]) && tid == 0) counters->dispatch_seq = seq;
   }
 }
 
@@ -338,8 +348,7 @@ __global__ void __launch_bounds__(kThreads, R < 8 ? 2 : 1) decode_combine_kernel
   const Dims& d = p.dims;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   SlotCounters* counters = counters_of(p);
-  const unsigned long long seq =
-      *reinterpret_cast<volatile unsigned long long*>(&counters->combine_seq) + 1;
+  const unsigned long long seq = call_seq(&counters->combine_seq, p.phases);
   if (tid < kMaxRanks) peers[tid] = tid < R ? p.peers[tid] : nullptr;
   __syncthreads();
   const int h16 = d.H / 8;  // 16-byte words of a bf16 row
@@ -367,8 +376,10 @@ __global__ void __launch_bounds__(kThreads, R < 8 ? 2 : 1) decode_combine_kernel
           reinterpret_cast<const int4*>(p.y + src_row * row_bytes) + start,
           min(kSegment16, h16 - start), lane, 32);
     }
-    if (arrive_last_block(&counters->done[2]) && tid == 0)
+    if (arrive_last_block(&counters->combine_arrivals) && tid == 0) {
       release_flags(p, peers, p.off.combine_flags, seq);
+      counters->combine_seq = seq;
+    }
   }
 
   if (p.phases & kPhaseRecv) {
@@ -399,7 +410,6 @@ __global__ void __launch_bounds__(kThreads, R < 8 ? 2 : 1) decode_combine_kernel
         if (has[e]) add_bf16x8(acc, v[e]);
       reinterpret_cast<int4*>(p.out)[j] = pack_bf16x8(acc);
     }
-    if (arrive_last_block(&counters->done[3]) && tid == 0) counters->combine_seq = seq;
   }
 }
 
@@ -448,10 +458,8 @@ bool call_valid(const Plan* plan, long long slot, long long parity, long long ph
          T <= plan->dims.Tmax;
 }
 
-// A dispatch's receive half alone only marks padding rows: a few blocks do.
 int dispatch_grid(const Plan& plan, long long phases) {
-  return phases == kPhaseRecv ? (plan.grid < kRecvOnlyBlocks ? plan.grid : kRecvOnlyBlocks)
-                              : plan.grid;
+  return phases == kPhaseRecv ? (plan.grid < kRecvBlocks ? plan.grid : kRecvBlocks) : plan.grid;
 }
 
 }  // namespace

@@ -8,6 +8,7 @@ Non-expanded calls (`expand=False`, decode) run `DecodePath` (decode.py); expand
 from __future__ import annotations
 
 import importlib.util
+import os
 import socket
 from typing import Any
 
@@ -35,8 +36,8 @@ class BundledTransport(Transport):
     `timeout_s` bounds every wait for a peer (default `MOE_PLUGIN_TIMEOUT_S` or 60 s); a
     wait that gives up is reported by `check()`. `num_sms` bounds the SMs of the prefill
     kernels (so other work can run beside them); `decode_sms` the blocks of the decode
-    kernels (default: every SM). Building it is collective over `group`, and so is
-    `destroy()`.
+    kernels (default `MOE_PLUGIN_DECODE_SMS`, else every SM). Building it is collective
+    over `group`, and so is `destroy()`.
     """
 
     supports_split_phases = True
@@ -58,7 +59,7 @@ class BundledTransport(Transport):
         if decode_sms is not None and not 1 <= decode_sms <= sm_count:
             raise ValueError(f"decode_sms must be in [1, {sm_count}], got {decode_sms}")
         self.num_sms = num_sms
-        self.decode_sms = decode_sms or sm_count
+        self.decode_sms = decode_sms or min(sm_count, _env_decode_sms() or sm_count)
         self._check_topology()
         self.errors = ErrorRecord(self.device)
         self._destroyed = False
@@ -134,6 +135,15 @@ class BundledTransport(Transport):
             if not torch.cuda.can_device_access_peer(self.device, index):
                 raise ValueError(f"rank {self.rank} (cuda:{self.device.index}) has no peer "
                                  f"access to rank {peer_rank}'s GPU (cuda:{index})")
+
+
+def _env_decode_sms() -> int | None:
+    value = os.environ.get("MOE_PLUGIN_DECODE_SMS", "")
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"MOE_PLUGIN_DECODE_SMS must be a positive integer, got {value!r}")
+    return int(value)
 
 
 def _make_prefill_path(transport: BundledTransport) -> Any:

@@ -2,11 +2,15 @@
 
 Every call launches one kernel (or one per phase with `return_recv_hook=True`) with
 arguments that are the same on every call of a (slot, parity), and reads nothing on the
-host, so the calls can be captured in a CUDA graph and replayed. Results are views of the
-peer-mapped receive buffers of the slot, which alternate between two copies (parities)
-from one dispatch to the next on that slot: a result stays valid until the second next
-dispatch on its slot, provided every dispatch is followed by its combine before the next
-dispatch on the slot (as MoE layers do), or the calls alternate parities.
+host, so the calls can be captured in a CUDA graph and replayed; sequence numbers live in
+device memory and the kernels advance them.
+
+Results are views of the slot's peer-mapped receive buffers, which alternate between two
+copies (parities) from one dispatch on the slot to the next, chosen on the host. Consume
+`recv_x` (and the ids, weights, scales) before calling the dispatch's combine, as a MoE
+layer does: a peer that has received your combine may start its next dispatch, which in
+eager use writes the other parity (so results stay valid until your next dispatch on the
+slot), but in a replayed CUDA graph reuses the parity fixed at capture time.
 """
 
 from __future__ import annotations

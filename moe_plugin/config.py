@@ -9,7 +9,7 @@ optional:
   CUDA graphs, prefill under `--enforce-eager`).
 - `transport`: `bundled` (our NVLink kernels, CUDA) or `torch` (torch.distributed).
 - `max_tokens_per_rank`: tokens one rank may send per MoE call (the transport's buffers are
-  sized for it); default: vLLM's `max_num_batched_tokens`.
+  sized for it); default, and smallest value accepted: vLLM's `max_num_batched_tokens`.
 - `num_sms`: SMs the bundled kernels may use (default: the transport's own, 24).
 - `timeout_s`: bound on any wait for a peer (default: `MOE_PLUGIN_TIMEOUT_S`, 60 s).
 

@@ -86,6 +86,12 @@ def make_prepare_finalize(moe: Any, quant_config: Any, *, use_monolithic: bool =
     from moe_plugin.prepare_finalize import PREPARE_FINALIZE_CLASSES
     from moe_plugin.transport import TransportSpec
 
+    if settings.max_tokens_per_rank is not None and \
+            settings.max_tokens_per_rank < moe.max_num_tokens:
+        raise ValueError(
+            f"{CONFIG_KEY}.max_tokens_per_rank ({settings.max_tokens_per_rank}) is smaller "
+            f"than the {moe.max_num_tokens} tokens a rank may run per step "
+            "(--max-num-batched-tokens): raise it, or lower --max-num-batched-tokens")
     mode = settings.resolve_mode(_cuda_graphs_enabled(vllm_config))
     spec = TransportSpec(
         max_tokens_per_rank=settings.max_tokens_per_rank or moe.max_num_tokens,

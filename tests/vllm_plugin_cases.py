@@ -1,0 +1,166 @@
+"""The plugin inside a fresh vLLM process (spawned, so vLLM's factory module is not yet
+imported when `register()` runs). Module-level functions, so spawn can pickle them; each
+returns {check: error messages}."""
+
+from __future__ import annotations
+
+import sys
+from types import ModuleType, SimpleNamespace
+from typing import Any
+
+import torch
+
+FACTORY_MODULE = "vllm.model_executor.layers.fused_moe.all2all_utils"
+USER_MODULE = "vllm.model_executor.layers.fused_moe.oracle.unquantized"
+
+
+def plugin_checks(rank: int, world_size: int) -> dict[str, list[str]]:
+    import moe_plugin.vllm_plugin as plugin
+
+    results = {"register": check_register(plugin)}
+    results.update(check_selection(plugin))
+    return results
+
+
+def check_register(plugin: ModuleType) -> list[str]:
+    """Patched on first import (hook), idempotent, and rebound where already imported."""
+    import importlib
+
+    errors = []
+    if FACTORY_MODULE in sys.modules:
+        errors.append("vLLM's factory module was imported before register(): the "
+                      "import-hook path is untested")
+    plugin.register()
+    plugin.register()
+    factory_module = importlib.import_module(FACTORY_MODULE)
+    user_module = importlib.import_module(USER_MODULE)
+    wrapper = vars(factory_module)[plugin.FACTORY_NAME]
+    original = getattr(wrapper, plugin._WRAPPED, None)
+    if original is None:
+        return errors + ["the factory is not wrapped after its module was imported"]
+    if getattr(original, plugin._WRAPPED, None) is not None:
+        errors.append("register() twice wrapped the factory twice")
+    if vars(user_module)[plugin.FACTORY_NAME] is not wrapper:
+        errors.append(f"{USER_MODULE} imported the unwrapped factory")
+    plugin.register()
+    if vars(factory_module)[plugin.FACTORY_NAME] is not wrapper:
+        errors.append("a third register() replaced the wrapper")
+
+    # The already-imported path: put vLLM's original back everywhere, register again.
+    holders = _modules_holding(wrapper, plugin.FACTORY_NAME)
+    for module in holders:
+        vars(module)[plugin.FACTORY_NAME] = original
+    plugin.register()
+    rewrapped = vars(factory_module)[plugin.FACTORY_NAME]
+    if getattr(rewrapped, plugin._WRAPPED, None) is not original:
+        errors.append("register() did not wrap an already-imported factory")
+    left = [m.__name__ for m in _modules_holding(original, plugin.FACTORY_NAME)]
+    if left:
+        errors.append(f"modules still bound to vLLM's original factory: {left}")
+    if len(holders) < 2:
+        errors.append(f"expected the factory bound in several vllm modules, found "
+                      f"{[m.__name__ for m in holders]}")
+    return errors
+
+
+def check_selection(plugin: ModuleType) -> dict[str, list[str]]:
+    """With the flag our classes are built (mode by mode), without it vLLM's stand."""
+    import importlib
+
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.distributed.parallel_state import (
+        init_distributed_environment,
+        initialize_model_parallel,
+    )
+    from vllm.model_executor.layers.fused_moe.config import FusedMoEQuantConfig
+
+    from moe_plugin.prepare_finalize.reference_experts import expert_parallel_moe_config
+
+    factory = vars(importlib.import_module(FACTORY_MODULE))[plugin.FACTORY_NAME]
+    quant = FusedMoEQuantConfig.make()
+    ep_layer = expert_parallel_moe_config(16, 2, 256, 64, world_size=2, rank=0)
+    # vLLM's own naive prepare/finalize reads only world_size from its all2all manager.
+    manager = SimpleNamespace(world_size=2)
+
+    def chosen(additional_config: dict[str, Any], moe: Any = ep_layer) -> str:
+        with set_current_vllm_config(VllmConfig(additional_config=additional_config)):
+            pf = factory(moe, quant, allow_new_interface=True, all2all_manager=manager)
+        return type(pf).__name__
+
+    with set_current_vllm_config(VllmConfig()):
+        init_distributed_environment(world_size=1, rank=0, local_rank=0, backend="gloo")
+        initialize_model_parallel(1, 1)
+
+    on = {"transport": "torch"}
+    expect = {
+        "decode flag": ({"moe_plugin": {**on, "mode": "decode"}}, "DecodePrepareAndFinalize"),
+        "prefill flag": ({"moe_plugin": {**on, "mode": "prefill"}},
+                         "PrefillPrepareAndFinalize"),
+        # No model config here, so no CUDA graphs: auto picks prefill.
+        "auto flag, eager": ({"moe_plugin": on}, "PrefillPrepareAndFinalize"),
+        "no flag": ({}, "MoEPrepareAndFinalizeNaiveDPEPModular"),
+        "other additional_config keys": ({"something_else": 1},
+                                         "MoEPrepareAndFinalizeNaiveDPEPModular"),
+    }
+    selection = []
+    for name, (config, want) in expect.items():
+        got = chosen(config)
+        if got != want:
+            selection.append(f"{name}: built {got}, expected {want}")
+    single = expert_parallel_moe_config(16, 2, 256, 64, world_size=1, rank=0)
+    got = chosen({"moe_plugin": on}, single)
+    if got.startswith(("Decode", "Prefill")):
+        selection.append(f"a layer without expert-parallel all2all got {got}")
+
+    auto = []
+    graphs = SimpleNamespace(
+        additional_config={"moe_plugin": on},
+        model_config=SimpleNamespace(enforce_eager=False),
+        compilation_config=SimpleNamespace(cudagraph_mode=SimpleNamespace(name="FULL")))
+    pf = plugin.make_prepare_finalize(ep_layer, quant, vllm_config=graphs)
+    if type(pf).__name__ != "DecodePrepareAndFinalize":
+        auto.append(f"auto with CUDA graphs built {type(pf).__name__}")
+    if pf.spec.max_tokens_per_rank != ep_layer.max_num_tokens:
+        auto.append(f"sized for {pf.spec.max_tokens_per_rank} tokens, the layer's "
+                    f"max_num_tokens is {ep_layer.max_num_tokens}")
+    def sized_for(tokens: int) -> Any:
+        return plugin.make_prepare_finalize(ep_layer, quant, vllm_config=SimpleNamespace(
+            additional_config={"moe_plugin": {**on, "max_tokens_per_rank": tokens}},
+            model_config=None, compilation_config=None))
+
+    bigger = ep_layer.max_num_tokens + 64
+    sized = sized_for(bigger)
+    if sized.spec.max_tokens_per_rank != bigger or sized.pool is not pf.pool:
+        auto.append("max_tokens_per_rank not honored, or the transport pool not shared")
+    try:
+        sized_for(ep_layer.max_num_tokens - 1)
+        auto.append("max_tokens_per_rank below max_num_batched_tokens accepted")
+    except ValueError as exc:
+        if "--max-num-batched-tokens" not in str(exc):
+            auto.append(f"undersized max_tokens_per_rank message unclear: {exc}")
+
+    errors = []
+    try:
+        chosen({"moe_plugin": {"mode": "fast"}})
+        errors.append("mode 'fast' accepted")
+    except ValueError as exc:
+        if "decode" not in str(exc):
+            errors.append(f"bad mode message does not list the modes: {exc}")
+    wrong_backend = expert_parallel_moe_config(16, 2, 256, 64, world_size=2, rank=0)
+    wrong_backend.moe_parallel_config.all2all_backend = "deepep_low_latency"
+    if plugin.make_prepare_finalize(wrong_backend, quant, vllm_config=graphs) is not None:
+        errors.append("took over a layer on the deepep_low_latency backend")
+    fp16 = expert_parallel_moe_config(16, 2, 256, 64, world_size=2, rank=0)
+    fp16.in_dtype = torch.float16
+    if plugin.make_prepare_finalize(fp16, quant, vllm_config=graphs) is not None:
+        errors.append("took over a float16 layer")
+    return {"selection": selection, "auto": auto, "refusals": errors}
+
+
+def _modules_holding(value: object, name: str) -> list[ModuleType]:
+    holders = []
+    for module_name, module in list(sys.modules.items()):
+        if module_name.startswith("vllm") and isinstance(module, ModuleType) \
+                and vars(module).get(name) is value:
+            holders.append(module)
+    return holders

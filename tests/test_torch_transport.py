@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import time
 from collections.abc import Callable
 
 import pytest
@@ -134,10 +135,10 @@ def _alignment(rng: random.Random, mode: Mode) -> int:
 # ----------------------------------------------------------------- scenarios
 def scenario_grid(rank: int, world: int, rng: random.Random) -> Outcome:
     """Every K in {1, 2, 8, 32} x payload x mode, with random shapes, token counts (some
-    ranks idle), routing, alignment, hooks and slot; two rounds."""
+    ranks idle), routing, alignment, hooks and slot; three rounds."""
     errors: list[str] = []
     cases = 0
-    for _ in range(2):
+    for _ in range(3):
         for topk in (1, 2, 8, 32):
             for dtype in (torch.bfloat16, torch.float8_e4m3fn):
                 for mode in MODES:
@@ -146,6 +147,23 @@ def scenario_grid(rank: int, world: int, rng: random.Random) -> Outcome:
                                 alignment=_alignment(rng, mode), hook=rng.random() < 0.5)
                     errors += call.run()
                     cases += 1
+    return cases, errors
+
+
+def scenario_larger(rank: int, world: int, rng: random.Random) -> Outcome:
+    """Larger shapes (Tmax 96, H 1024, 16 experts per rank, K 8), every mode and payload."""
+    errors: list[str] = []
+    cases = 0
+    for dtype in (torch.bfloat16, torch.float8_e4m3fn):
+        for mode in MODES:
+            spec = TransportSpec(max_tokens_per_rank=96, hidden=1024, num_topk=8,
+                                 num_experts=16 * world, dtype=dtype)
+            tokens = tuple(rng.randint(0, 96) for _ in range(world))
+            case = Case(spec=spec, world_size=world, tokens=tokens, routing="uniform",
+                        seed=rng.randrange(1 << 30))
+            errors += Call(_transport(spec), case, mode, slot=rng.randrange(2),
+                           alignment=_alignment(rng, mode), hook=rng.random() < 0.5).run()
+            cases += 1
     return cases, errors
 
 
@@ -242,6 +260,7 @@ def scenario_out_of_range(rank: int, world: int, rng: random.Random) -> Outcome:
 
 SCENARIOS: dict[str, Callable[[int, int, random.Random], Outcome]] = {
     "grid": scenario_grid,
+    "larger": scenario_larger,
     "skewed": scenario_skewed,
     "zero_tokens": scenario_zero_tokens,
     "slots": scenario_slots,
@@ -256,6 +275,27 @@ def run_scenarios(rank: int, world: int, seed: int) -> dict[str, Outcome]:
     outcomes = {}
     for index, (name, scenario) in enumerate(SCENARIOS.items()):
         outcomes[name] = scenario(rank, world, random.Random(seed * 31 + index))
+    return outcomes
+
+
+def wait_for_absent_peer(rank: int, world: int, timeout_s: float) -> list[str]:
+    """Worker: rank 0 dispatches (non-expanded, then expanded) while rank 1 never joins;
+    returns rank 0's errors, which must be bounded by `timeout_s`."""
+    transport = TorchTransport(TransportSpec(4, 8, 1, 2 * world), device="cpu",
+                               timeout_s=timeout_s)
+    if rank != 0:
+        time.sleep(3 * timeout_s + 2)
+        return []
+    outcomes = []
+    for expand in (False, True):
+        start = time.monotonic()
+        try:
+            transport.dispatch(torch.zeros(1, 8, dtype=torch.bfloat16),
+                               torch.zeros(1, 1, dtype=torch.int64), torch.ones(1, 1),
+                               expand=expand, cpu_sync=expand)
+            outcomes.append("no error")
+        except TimeoutError as err:
+            outcomes.append(f"{time.monotonic() - start:.1f} s: {err}")
     return outcomes
 
 
@@ -279,6 +319,11 @@ def test_random_grid_matches_reference(outcomes: list[dict[str, Outcome]]) -> No
 
 
 @pytest.mark.timeout(300)
+def test_larger_shapes(outcomes: list[dict[str, Outcome]]) -> None:
+    _assert_clean(outcomes, "larger")
+
+
+@pytest.mark.timeout(300)
 def test_skewed_routing(outcomes: list[dict[str, Outcome]]) -> None:
     _assert_clean(outcomes, "skewed")
 
@@ -296,3 +341,13 @@ def test_two_slots_interleaved(outcomes: list[dict[str, Outcome]]) -> None:
 @pytest.mark.timeout(300)
 def test_out_of_range_ids_dropped_and_counted(outcomes: list[dict[str, Outcome]]) -> None:
     _assert_clean(outcomes, "out_of_range")
+
+
+@pytest.mark.timeout(120)
+def test_wait_for_absent_peer_is_bounded() -> None:
+    timeout_s = 2.0
+    errors = run_workers(wait_for_absent_peer, 2, timeout_s, backend="gloo", timeout_s=100)[0]
+    assert len(errors) == 2
+    for err in errors:
+        assert "rank 0 of 2" in err and "within 2 s" in err, err
+        assert float(err.split(" s:")[0]) < timeout_s + 5, err

@@ -55,7 +55,7 @@ def token_layout(topk_idx: torch.Tensor, num_local_experts: int, world_size: int
     send_src = torch.full((dump + 1,), tokens, dtype=torch.int64, device=device)
     token_ids = torch.arange(tokens, dtype=torch.int64, device=device)
     send_src.scatter_(0, torch.where(sent, send_row, dump).flatten(),
-                      token_ids.repeat_interleave(world_size))
+                      token_ids[:, None].expand(tokens, world_size).flatten())
     return TokenLayout(send_src=send_src[:dump], sent=sent, send_row=send_row)
 
 

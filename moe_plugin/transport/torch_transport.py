@@ -8,13 +8,14 @@ Decisions beyond DESIGN.md section 2:
 - Wire format. Payload rows travel as raw bytes (uint8 views), so fp8 e4m3 needs no
   collective support for its dtype. Per-row metadata travels in one int32 tensor beside
   it: non-expanded rows carry the token's K global ids, K weights and the fp8 scales
-  (float32 bits); expanded rows carry their weight and scales. Two collectives per
+  (float32 bits); expanded rows carry their weight and scales. `recv_scales` is
+  [rows, H/128] float32, aligned with `recv_x`, None for bf16 payloads. Two collectives per
   dispatch (expanded: plus one for the counts), one per combine.
 - Non-expanded (`expand=False`, either `cpu_sync`): every rank sends exactly Tmax rows to
-  every rank (equal splits), so sizes and addresses are fixed, nothing is read on the
-  host, and on NCCL the call can be captured in a CUDA graph. `cpu_sync=True` gives the
-  same result. Padding rows of `recv_x` are zeros on this transport (the contract leaves
-  them unspecified); their ids are -1, weights 0, scales 0.
+  every rank (equal splits), so sizes are fixed and nothing is read on the host: on NCCL
+  the call is meant to be captured in a CUDA graph. `cpu_sync=True` gives the same result.
+  Padding rows of `recv_x` are zeros on this transport (the contract leaves them
+  unspecified); their ids are -1, weights 0, scales 0.
   `handle.recv_counts[s]` = tokens received from source s.
 - Expanded (`expand=True`, needs `cpu_sync=True`): one row per (token, choice) whose id is
   an expert of this rank; a token that lists the same expert twice sends two rows.

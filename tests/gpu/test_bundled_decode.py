@@ -285,6 +285,14 @@ def scenario_shapes(world: int) -> list[str]:
             bundled.check()
             bundled.destroy()
             ref.destroy()
+    # A routing table beyond the default 48 KB of shared memory per block.
+    spec = TransportSpec(3000, 64, 2, 4 * world, BF16)
+    bundled, ref = build_pair(spec)
+    inp = make_inputs(spec, world, [[3000, 0, 1, 2999][r % 4] for r in range(world)], seed=11)
+    errors += against_torch(bundled, ref, inp, "Tmax 3000")
+    bundled.check()
+    bundled.destroy()
+    ref.destroy()
     return errors
 
 

@@ -113,9 +113,10 @@ __device__ __forceinline__ void record_error(const WaitSite& site, int code, int
 // transport is then unusable and later calls must not each wait the full timeout).
 // Polls with relaxed loads (lighter on the memory system) and acquires once it succeeds;
 // flags only grow, so the acquiring load sees a release at least as late as the one polled.
+// `call` is the call's sequence number for the error record, when `expected` is not it.
 __device__ __forceinline__ bool wait_flag_geq(const unsigned long long* flag,
                                               unsigned long long expected, const WaitSite& site,
-                                              int peer) {
+                                              int peer, long long call) {
   if (ld_acquire_sys(flag) >= expected) return true;
   const unsigned long long start = globaltimer_ns();
   for (unsigned iter = 1;; ++iter) {
@@ -123,11 +124,22 @@ __device__ __forceinline__ bool wait_flag_geq(const unsigned long long* flag,
     if ((iter & 255u) == 0) {
       if (ld_volatile(&site.err->code) != 0) return false;
       if (globaltimer_ns() - start > (unsigned long long)site.timeout_ns) {
-        record_error(site, MOE_ERROR_TIMEOUT, peer, (long long)expected);
+        record_error(site, MOE_ERROR_TIMEOUT, peer, call);
         return false;
       }
     }
   }
+}
+
+__device__ __forceinline__ bool wait_flag_geq(const unsigned long long* flag,
+                                              unsigned long long expected, const WaitSite& site,
+                                              int peer) {
+  return wait_flag_geq(flag, expected, site, peer, (long long)expected);
+}
+
+// Atomically add v to a flag (relaxed, system scope); callers fence first.
+__device__ __forceinline__ void red_add_sys(unsigned long long* p, unsigned long long v) {
+  asm volatile("red.relaxed.sys.global.add.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
 
 // 16-byte loads and stores. `ld_nc` is for data no thread writes during the kernel; `ld_cg`
@@ -174,24 +186,4 @@ __device__ __forceinline__ int warp_sum(int v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;
-}
-
-// Arrive at a grid-wide counter after this block's stores; returns true (in every thread
-// of the block) in the last block to arrive, which then observes every other block's
-// stores made before its arrival, at system scope. Resets the counter for the next launch.
-// Call from every thread of every block, at the same point.
-__device__ __forceinline__ bool arrive_last_block(unsigned* counter) {
-  __shared__ bool last;
-  fence_acq_rel_sys();  // each thread's own stores (peer stores included) first
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    const unsigned prev = atomicAdd(counter, 1u);
-    last = prev == gridDim.x - 1;
-    if (last) {
-      fence_acq_rel_sys();
-      *counter = 0;
-    }
-  }
-  __syncthreads();
-  return last;
 }

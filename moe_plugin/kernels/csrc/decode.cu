@@ -3,13 +3,14 @@
 // Dispatch: each sender stores every token once per destination rank d that owns one of its
 // experts, straight into row [me*Tmax + i] of d's receive buffer (i = the token's position
 // among this sender's tokens bound for d), with its local expert ids / weights (and fp8
-// scales); then it writes its row count and releases flag (slot, me) at d with the call's
-// sequence number. Receivers acquire their R flags and mark padding rows.
+// scales), and writes its row count; every sending block then fences and adds 1 to flag
+// (slot, me) at every d, on every call. Receivers wait until their R flags reach
+// seq * blocks (acquire), then mark padding rows.
 // Combine: rank e stores row [s*Tmax + i] of y into row [e*Tmax + i] of source s's combine
-// buffer and releases flag (slot, e) at s; the source sums a token's rows in fp32.
+// buffer and signals s the same way; the source sums a token's rows in fp32, in rank order.
 //
 // Sequence numbers live in device memory and are advanced by the kernels, so a captured
-// CUDA graph replays correctly. Buffers are double-buffered by call parity (chosen on the
+// CUDA graph replays correctly. Every rank launches the same number of sending blocks. Buffers are double-buffered by call parity (chosen on the
 // host per slot): a rank is at most one call ahead of any peer, so it never writes into a
 // buffer its owner may still read.
 #include <cuda_bf16.h>
@@ -118,6 +119,7 @@ struct Params {
   Dims dims;
   Offsets off;
   int slot, phases, T;
+  int send_blocks;  // blocks of every rank's send half: each signals once per call
   const char* x;
   const float* x_scales;
   const long long* topk_idx;
@@ -134,22 +136,32 @@ __device__ __forceinline__ unsigned long long call_seq(const unsigned long long*
          ((phases & kPhaseSend) ? 1 : 0);
 }
 
+// Called by every block of a send half once it has read the sequence number: the last
+// block to arrive stores it as the slot's counter. No fence: the next launch reads it.
+__device__ __forceinline__ void advance_seq(unsigned* arrivals, unsigned long long* counter,
+                                            unsigned long long seq) {
+  __syncthreads();
+  if (threadIdx.x == 0 && atomicAdd(arrivals, 1u) == gridDim.x - 1) {
+    *arrivals = 0;
+    *counter = seq;
+  }
+}
+
 __device__ __forceinline__ SlotCounters* counters_of(const Params& p) {
   return reinterpret_cast<SlotCounters*>(p.local_state + p.off.counters);
 }
 
-__device__ __forceinline__ void st_relaxed_sys(unsigned long long* ptr, unsigned long long v) {
-  asm volatile("st.relaxed.sys.global.u64 [%0], %1;" ::"l"(ptr), "l"(v) : "memory");
-}
-
-// Release the call's flag at every peer (at `flags_off` + 8*me); by the last block to finish
-// its stores, after the counts (dispatch) are written. One fence covers all R stores.
-__device__ __forceinline__ void release_flags(const Params& p, char* const* peers,
-                                              long long flags_off, unsigned long long seq) {
-  fence_acq_rel_sys();
-  for (int d = 0; d < p.dims.R; ++d) {
-    st_relaxed_sys(reinterpret_cast<unsigned long long*>(peers[d] + flags_off) + p.dims.rank,
-                   seq);
+// Tell every peer this block's stores of the call are done: thread d fences (covering the
+// block's stores, ordered before it by the barrier) and adds 1 to flag `me` at peer d. A
+// receiver has all of a call's data once the flag reaches seq * (blocks per send half).
+__device__ __forceinline__ void signal_peers(const Params& p, char* const* peers,
+                                             long long flags_off) {
+  __syncthreads();
+  if (threadIdx.x < p.dims.R) {
+    fence_acq_rel_sys();
+    red_add_sys(reinterpret_cast<unsigned long long*>(peers[threadIdx.x] + flags_off) +
+                    p.dims.rank,
+                1);
   }
 }
 
@@ -164,7 +176,9 @@ __device__ __forceinline__ unsigned wait_all_flags(const Params& p, long long fl
     const WaitSite site{p.err, p.timeout_ns, p.dims.rank, phase, p.slot};
     const auto* flag = reinterpret_cast<const unsigned long long*>(
                            p.peers[p.dims.rank] + flags_off) + threadIdx.x;
-    if (wait_flag_geq(flag, seq, site, threadIdx.x)) atomicOr(&arrived, 1u << threadIdx.x);
+    if (wait_flag_geq(flag, seq * (unsigned long long)p.send_blocks, site, threadIdx.x,
+                      (long long)seq))
+      atomicOr(&arrived, 1u << threadIdx.x);
   }
   __syncthreads();
   return arrived;
@@ -284,12 +298,10 @@ __global__ void __launch_bounds__(kThreads, 2) decode_dispatch_kernel(const Para
               p.x_scales[(long long)t * d.S + j];
       }
     }
-    if (arrive_last_block(&counters->dispatch_arrivals) && tid == 0) {
-      for (int r = 0; r < R; ++r)
-        reinterpret_cast<int*>(peers[r] + p.off.counts)[me] = totals[r];
-      release_flags(p, peers, p.off.dispatch_flags, seq);
-      counters->dispatch_seq = seq;  // every block has read it: all have arrived
-    }
+    if (blockIdx.x == 0 && tid < R) reinterpret_cast<int*>(peers[tid] + p.off.counts)[me] =
+        totals[tid];
+    signal_peers(p, peers, p.off.dispatch_flags);
+    advance_seq(&counters->dispatch_arrivals, &counters->dispatch_seq, seq);
   }
 
   // The receive half only marks padding rows: a few blocks do it, the rest are done.
@@ -376,10 +388,8 @@ __global__ void __launch_bounds__(kThreads, R < 8 ? 2 : 1) decode_combine_kernel
           reinterpret_cast<const int4*>(p.y + src_row * row_bytes) + start,
           min(kSegment16, h16 - start), lane, 32);
     }
-    if (arrive_last_block(&counters->combine_arrivals) && tid == 0) {
-      release_flags(p, peers, p.off.combine_flags, seq);
-      counters->combine_seq = seq;
-    }
+    signal_peers(p, peers, p.off.combine_flags);
+    advance_seq(&counters->combine_arrivals, &counters->combine_seq, seq);
   }
 
   if (p.phases & kPhaseRecv) {
@@ -448,6 +458,7 @@ Params make_params(const Plan& plan, long long slot, long long parity, long long
   p.slot = (int)slot;
   p.phases = (int)phases;
   p.T = (int)T;
+  p.send_blocks = plan.grid;
   return p;
 }
 
@@ -500,8 +511,12 @@ MOE_EXPORT int moe_decode_plan_create(void** plan_out, long long device, long lo
   MOE_TRY(cudaDeviceGetAttribute(&max_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin,
                                  (int)device));
   if (smem + 4096 > (size_t)max_optin) return MOE_STATUS_TOO_MUCH_SHARED_MEMORY;
-  MOE_TRY(cudaFuncSetAttribute(decode_dispatch_kernel,
-                               cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+  // The attribute is per kernel, shared by every plan: raise it to the device's limit once
+  // a plan needs more than the default, never lower it.
+  if (smem > 48 * 1024)
+    MOE_TRY(cudaFuncSetAttribute(decode_dispatch_kernel,
+                                 cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                 max_optin - 4096));
   Plan* plan = new Plan{};
   plan->dims = d;
   plan->layout = make_layout(d);

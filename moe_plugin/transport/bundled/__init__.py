@@ -59,8 +59,9 @@ class BundledTransport(Transport):
         if decode_sms is not None and not 1 <= decode_sms <= sm_count:
             raise ValueError(f"decode_sms must be in [1, {sm_count}], got {decode_sms}")
         self.num_sms = num_sms
-        self.decode_sms = decode_sms or min(sm_count, _env_decode_sms() or sm_count)
-        self._check_topology()
+        # Every rank's decode kernels signal once per block: all ranks use the least.
+        self.decode_sms = self._check_topology(
+            decode_sms or min(sm_count, _env_decode_sms() or sm_count))
         self.errors = ErrorRecord(self.device)
         self._destroyed = False
         self._decode = DecodePath(self)
@@ -114,10 +115,12 @@ class BundledTransport(Transport):
                                       "in this installation")
         return self._prefill
 
-    def _check_topology(self) -> None:
+    def _check_topology(self, decode_sms: int) -> int:
+        """Check that the ranks share a host, one GPU each, with peer access; return the
+        least `decode_sms` over the ranks."""
         props = torch.cuda.get_device_properties(self.device)
-        me = (socket.gethostname(), str(props.uuid))
-        everyone: list[tuple[str, str] | None] = [None] * self.world_size
+        me = (socket.gethostname(), str(props.uuid), decode_sms)
+        everyone: list[tuple[str, str, int] | None] = [None] * self.world_size
         dist.all_gather_object(everyone, me, group=self.group)
         hosts = sorted({e[0] for e in everyone if e is not None})
         if len(hosts) != 1:
@@ -135,6 +138,7 @@ class BundledTransport(Transport):
             if not torch.cuda.can_device_access_peer(self.device, index):
                 raise ValueError(f"rank {self.rank} (cuda:{self.device.index}) has no peer "
                                  f"access to rank {peer_rank}'s GPU (cuda:{index})")
+        return min(e[2] for e in everyone if e is not None)
 
 
 def _env_decode_sms() -> int | None:

@@ -14,9 +14,27 @@ import contextlib
 import dataclasses
 import random
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
+import vllm.model_executor.layers.fused_moe.modular_kernel as mk
+from vllm.model_executor.layers.fused_moe.activation import MoEActivation
+from vllm.model_executor.layers.fused_moe.config import FusedMoEQuantConfig
+from vllm.v1.worker import ubatching
+
+from moe_plugin.prepare_finalize import (
+    PREPARE_FINALIZE_CLASSES,
+    TransportPool,
+    TransportPrepareAndFinalize,
+)
+from moe_plugin.prepare_finalize.quant import activation_quant_config
+from moe_plugin.prepare_finalize.reference_experts import (
+    MATCH_TOLERANCE,
+    ExpertParallelMoE,
+    ReferenceExperts,
+    relative_error,
+)
+from moe_plugin.transport import Transport, TransportSpec
 
 FP8 = torch.float8_e4m3fn
 NUM_EXPERTS = 16
@@ -27,9 +45,6 @@ QUANTS = ("bf16", "fp8_block128", "fp8_block64", "fp8_deferred")
 """bf16 tokens; block-128 fp8 (quantized before dispatch, scales travel); block-64 fp8
 (quantized after receive); block-128 fp8 config with experts that quantize their own
 input (tokens travel in bf16, nothing quantized)."""
-TOLERANCE = 0.02
-"""Largest |out - reference| allowed, relative to max |reference| (bf16 rounding of the
-experts' rows and of the combined sum)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,59 +93,34 @@ def kernel_cases(world_size: int, seed: int) -> list[MoECase]:
 
 
 # ------------------------------------------------------------------ the layer
-class Layer:
+class Layer(ExpertParallelMoE):
     """This rank's share of the test MoE layer and the transports it uses."""
 
     def __init__(self, rank: int, world_size: int, seed: int) -> None:
-        from moe_plugin.prepare_finalize import TransportPool
-        from moe_plugin.prepare_finalize.reference_experts import linear_expert_map
-
-        gen = torch.Generator().manual_seed(seed)
-        self.rank, self.world_size = rank, world_size
-        self.w1 = (torch.randn(NUM_EXPERTS, 2 * INTERMEDIATE, HIDDEN, generator=gen)
-                   / HIDDEN ** 0.5).to(torch.bfloat16)
-        self.w2 = (torch.randn(NUM_EXPERTS, HIDDEN, INTERMEDIATE, generator=gen)
-                   / INTERMEDIATE ** 0.5).to(torch.bfloat16)
-        local = NUM_EXPERTS // world_size
-        self.w1_local = self.w1[rank * local:(rank + 1) * local].contiguous()
-        self.w2_local = self.w2[rank * local:(rank + 1) * local].contiguous()
-        self.expert_map = linear_expert_map(NUM_EXPERTS, world_size, rank)
+        super().__init__(NUM_EXPERTS, HIDDEN, INTERMEDIATE, world_size, rank, seed)
         self.pools = {True: TransportPool("torch", timeout_s=120.0),
                       False: no_split_pool("torch", timeout_s=120.0)}
 
-    def build(self, case: MoECase):
+    def build(self, case: MoECase
+              ) -> tuple[TransportPrepareAndFinalize, ReferenceExperts, mk.FusedMoEKernel]:
         """(prepare/finalize, experts, kernel) for `case`; collective (transports)."""
-        import vllm.model_executor.layers.fused_moe.modular_kernel as mk
-
-        from moe_plugin.prepare_finalize import PREPARE_FINALIZE_CLASSES
-        from moe_plugin.prepare_finalize.reference_experts import (
-            ReferenceExperts,
-            expert_parallel_moe_config,
-        )
-        from moe_plugin.transport import TransportSpec
-
         quant_config = quant_config_for(case.quant)
-        moe_config = expert_parallel_moe_config(NUM_EXPERTS, case.top_k, HIDDEN,
-                                                INTERMEDIATE, self.world_size, self.rank)
         spec = TransportSpec(max_tokens_per_rank=TMAX, hidden=HIDDEN, num_topk=case.top_k,
                              num_experts=NUM_EXPERTS)
-        pf = PREPARE_FINALIZE_CLASSES[case.mode](self.pools[case.split], spec, quant_config,
-                                                 moe_config)
-        experts = ReferenceExperts(moe_config, quant_config, reduce=case.reduce,
-                                   invalid_fill=float("nan"),
-                                   unquantized_inputs=case.quant == "fp8_deferred")
-        return pf, experts, mk.FusedMoEKernel(pf, experts)
+        pf = PREPARE_FINALIZE_CLASSES[case.mode](self.pools[case.split], spec, quant_config)
+        kernel = self.kernel(pf, case.top_k, quant_config, reduce=case.reduce,
+                             invalid_fill=float("nan"),
+                             unquantized_inputs=case.quant == "fp8_deferred")
+        return pf, kernel.fused_experts, kernel
 
 
-def no_split_pool(name: str, **kwargs: object):  # noqa: ANN201
+def no_split_pool(name: str, **kwargs: object) -> TransportPool:
     """A TransportPool whose transports report no split phases, so the modular kernel
     takes the synchronous prepare / finalize path."""
-    from moe_plugin.prepare_finalize import TransportPool
-
     pool = TransportPool(name, **kwargs)
     build = pool.get
 
-    def get(spec):  # noqa: ANN001, ANN202 - TransportPool.get
+    def get(spec: TransportSpec) -> Transport:
         transport = build(spec)
         transport.supports_split_phases = False
         return transport
@@ -139,15 +129,9 @@ def no_split_pool(name: str, **kwargs: object):  # noqa: ANN201
     return pool
 
 
-def quant_config_for(quant: str):
+def quant_config_for(quant: str) -> FusedMoEQuantConfig:
     """vLLM's quant config for a QUANTS entry (weights stay bf16 in the test experts)."""
-    from vllm.model_executor.layers.fused_moe.config import FusedMoEQuantConfig
-
-    if quant == "bf16":
-        return FusedMoEQuantConfig.make()
-    block = 64 if quant == "fp8_block64" else 128
-    return FusedMoEQuantConfig.make(FP8, block_shape=[block, block],
-                                    weight_dtype=torch.bfloat16)
+    return activation_quant_config({"bf16": None, "fp8_block64": 64}.get(quant, 128))
 
 
 def rank_inputs(case: MoECase, rank: int, salt: int = 0
@@ -167,36 +151,27 @@ def rank_inputs(case: MoECase, rank: int, salt: int = 0
 
 def expected(layer: Layer, case: MoECase, x: torch.Tensor, ids: torch.Tensor,
              weights: torch.Tensor) -> torch.Tensor:
-    from moe_plugin.prepare_finalize.reference_experts import reference_moe
-
     quant = None if case.quant in ("bf16", "fp8_deferred") else quant_config_for(case.quant)
-    return reference_moe(x, ids, weights, layer.w1, layer.w2, quant_config=quant,
-                         apply_router_weight_on_input=case.weight_on_input)
+    return layer.reference(x, ids, weights, quant, case.weight_on_input)
 
 
 def compare(out: torch.Tensor, ref: torch.Tensor, what: str) -> list[str]:
     if out.shape != ref.shape:
         return [f"{what}: output shape {list(out.shape)}, expected {list(ref.shape)}"]
-    if out.numel() == 0:
-        return []
-    err = (out.float() - ref).abs().max().item()
-    scale = max(ref.abs().max().item(), 1.0)
-    if not err <= TOLERANCE * scale:  # also catches NaN
-        return [f"{what}: max error {err:.4g} > {TOLERANCE} * {scale:.4g}"]
+    err = relative_error(out, ref)
+    if not err <= MATCH_TOLERANCE:  # also catches NaN
+        return [f"{what}: relative error {err:.4g} > {MATCH_TOLERANCE}"]
     return []
 
 
 # ------------------------------------------------------------------- scenarios
 def run_kernel_case(layer: Layer, case: MoECase) -> list[str]:
     """The whole layer through vLLM's FusedMoEKernel (async path when split)."""
-    from vllm.model_executor.layers.fused_moe.activation import MoEActivation
-
     pf, _, kernel = layer.build(case)
     if pf.supports_async() != case.split:
         return [f"{case}: supports_async() is {pf.supports_async()}"]
     x, ids, weights = rank_inputs(case, layer.rank)
-    out = kernel.apply(x, layer.w1_local, layer.w2_local, weights, ids, MoEActivation.SILU,
-                       NUM_EXPERTS, layer.expert_map, case.weight_on_input)
+    out = layer.forward(kernel, x, ids, weights, case.weight_on_input)
     return compare(out, expected(layer, case, x, ids, weights), f"rank {layer.rank} {case}")
 
 
@@ -204,8 +179,6 @@ def run_kernel_case(layer: Layer, case: MoECase) -> list[str]:
 def micro_batch(ubatch_id: int) -> Iterator[None]:
     """Make vLLM's `dbo_current_ubatch_id()` return `ubatch_id` on this thread, as its
     micro-batch contexts do for the thread running that micro-batch."""
-    from vllm.v1.worker import ubatching
-
     ubatching._THREAD_ID_TO_CONTEXT[threading.get_ident()] = ubatch_id
     try:
         yield
@@ -243,7 +216,9 @@ def run_interleaved(layer: Layer, case: MoECase) -> list[str]:
     return errors
 
 
-def _start_prepare(pf, case: MoECase, x, ids, weights):  # noqa: ANN001, ANN202
+def _start_prepare(pf: TransportPrepareAndFinalize, case: MoECase, x: torch.Tensor,
+                   ids: torch.Tensor, weights: torch.Tensor
+                   ) -> Callable[[], mk.PrepareResultType]:
     """Send; return a callable that receives (hook first, when there is one)."""
     args = (x, weights, ids, NUM_EXPERTS, None, case.weight_on_input,
             quant_config_for(case.quant), case.quant == "fp8_deferred")
@@ -252,14 +227,17 @@ def _start_prepare(pf, case: MoECase, x, ids, weights):  # noqa: ANN001, ANN202
         return lambda: result
     hook, receiver = pf.prepare_async(*args)
 
-    def receive():  # noqa: ANN202
+    def receive() -> mk.PrepareResultType:
         hook()
         return receiver()
 
     return receive
 
 
-def _start_finalize(pf, case: MoECase, output, fused, ids, weights, experts):  # noqa: ANN001, ANN202
+def _start_finalize(pf: TransportPrepareAndFinalize, case: MoECase, output: torch.Tensor,
+                    fused: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                    experts: ReferenceExperts) -> Callable[[], None]:
+    """Send the rows back; return a callable that completes `output`."""
     args = (output, fused, weights, ids, case.weight_on_input,
             experts.finalize_weight_and_reduce_impl())
     if not case.split:
@@ -274,11 +252,10 @@ def _start_finalize(pf, case: MoECase, output, fused, ids, weights, experts):  #
     return finish
 
 
-def _apply_experts(layer: Layer, experts, case: MoECase, a1q, a1q_scale, meta, ids,  # noqa: ANN001
-                   weights) -> torch.Tensor:
+def _apply_experts(layer: Layer, experts: ReferenceExperts, case: MoECase, a1q: torch.Tensor,
+                   a1q_scale: torch.Tensor | None, meta: mk.ExpertTokensMetadata | None,
+                   ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """The experts step as the modular kernel runs it (no call when nothing arrived)."""
-    from vllm.model_executor.layers.fused_moe.activation import MoEActivation
-
     rows, hidden = a1q.shape
     if rows == 0:
         return torch.empty(0, hidden, dtype=torch.bfloat16)
@@ -294,8 +271,8 @@ def _apply_experts(layer: Layer, experts, case: MoECase, a1q, a1q_scale, meta, i
     return out
 
 
-def check_received(layer: Layer, case: MoECase, meta, ids: torch.Tensor,  # noqa: ANN001
-                   weights: torch.Tensor) -> list[str]:
+def check_received(layer: Layer, case: MoECase, meta: mk.ExpertTokensMetadata | None,
+                   ids: torch.Tensor, weights: torch.Tensor) -> list[str]:
     """What prepare hands the experts: global ids of this rank's experts or -1, weight 0
     where the id is -1; decode: R * Tmax rows and no metadata; prefill: top-1 rows grouped
     by expert and per-expert counts that match them."""

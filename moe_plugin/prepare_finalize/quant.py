@@ -20,6 +20,15 @@ FP8_MAX = torch.finfo(FP8).max
 _MIN_AMAX = 1e-10
 
 
+def activation_quant_config(fp8_block: int | None = None) -> FusedMoEQuantConfig:
+    """vLLM's quant config for unquantized activations (`fp8_block` None) or dynamic fp8
+    activations in blocks of `fp8_block` columns, with bf16 weights."""
+    if fp8_block is None:
+        return FusedMoEQuantConfig.make()
+    return FusedMoEQuantConfig.make(FP8, block_shape=[fp8_block, fp8_block],
+                                    weight_dtype=torch.bfloat16)
+
+
 def quantized_dispatch(quant_config: FusedMoEQuantConfig | None,
                        defer_input_quant: bool) -> bool:
     """True when tokens travel as fp8 e4m3 with float32 scales per 128 columns: dynamic

@@ -1,6 +1,7 @@
 """A pure-torch MoE for checking prepare/finalize: the experts inside vLLM's modular
-kernel, and the dense single-process MoE they must agree with. Used by the demo and the
-tests; runs on CPU and GPU alike.
+kernel, the dense single-process MoE they must agree with, and `ExpertParallelMoE`, one
+rank's share of a small layer run through vLLM's `FusedMoEKernel`. Used by the demo and
+the tests; runs on CPU and GPU alike.
 
 Every expert is a SiLU-gated MLP in vLLM's weight layout: w1 [E, 2I, H] (gate rows, then
 up rows), w2 [E, H, I]; expert(x) = (silu(x w1_gate^T) * (x w1_up^T)) w2^T, in float32.
@@ -25,6 +26,17 @@ from vllm.model_executor.layers.fused_moe.topk_weight_and_reduce import (
 from vllm.model_executor.layers.quantization.utils.quant_utils import QuantKey
 
 from moe_plugin.prepare_finalize.quant import dequantize_activations, quantize_activations
+
+MATCH_TOLERANCE = 0.02
+"""Largest |output - reference| accepted, relative to max |reference| (at least 1): the
+bf16 rounding of the experts' rows and of the combined sum."""
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |out - ref| / max(max |ref|, 1); NaN if `out` has NaN; 0 for empty tensors."""
+    if out.numel() == 0:
+        return 0.0
+    return (out.float() - ref).abs().max().item() / max(ref.abs().max().item(), 1.0)
 
 
 def expert_mlp(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
@@ -151,6 +163,54 @@ class ReferenceExperts(mk.FusedMoEExpertsModular):
                 slots = chosen[rows].nonzero()
                 acc[rows[slots[:, 0]], slots[:, 1]] = y[slots[:, 0]]
         output.copy_(acc.reshape(output.shape))
+
+
+class ExpertParallelMoE:
+    """A bf16 SiLU MoE layer of `num_experts` experts (weights drawn from `seed`, the same
+    on every rank) split over `world_size` expert-parallel ranks; this object is rank
+    `rank`'s share. `kernel` builds vLLM's modular kernel around a prepare/finalize,
+    `forward` runs it, `reference` is the dense MoE on all experts for comparison."""
+
+    def __init__(self, num_experts: int, hidden: int, intermediate: int, world_size: int,
+                 rank: int, seed: int, device: torch.device | str = "cpu") -> None:
+        gen = torch.Generator().manual_seed(seed)
+        self.num_experts, self.hidden, self.intermediate = num_experts, hidden, intermediate
+        self.world_size, self.rank, self.device = world_size, rank, torch.device(device)
+        self.w1 = (torch.randn(num_experts, 2 * intermediate, hidden, generator=gen)
+                   / hidden ** 0.5).to(torch.bfloat16).to(self.device)
+        self.w2 = (torch.randn(num_experts, hidden, intermediate, generator=gen)
+                   / intermediate ** 0.5).to(torch.bfloat16).to(self.device)
+        local = num_experts // world_size
+        self.w1_local = self.w1[rank * local:(rank + 1) * local].contiguous()
+        self.w2_local = self.w2[rank * local:(rank + 1) * local].contiguous()
+        self.expert_map = linear_expert_map(num_experts, world_size, rank, self.device)
+
+    def kernel(self, prepare_finalize: mk.FusedMoEPrepareAndFinalizeModular, top_k: int,
+               quant_config: FusedMoEQuantConfig, **expert_options: object
+               ) -> mk.FusedMoEKernel:
+        """vLLM's modular kernel of `prepare_finalize` and `ReferenceExperts` (built with
+        `expert_options`) for top-`top_k` routing."""
+        moe_config = expert_parallel_moe_config(self.num_experts, top_k, self.hidden,
+                                                self.intermediate, self.world_size,
+                                                self.rank, self.device)
+        experts = ReferenceExperts(moe_config, quant_config, **expert_options)
+        return mk.FusedMoEKernel(prepare_finalize, experts)
+
+    def forward(self, kernel: mk.FusedMoEKernel, x: torch.Tensor, topk_ids: torch.Tensor,
+                topk_weights: torch.Tensor, apply_router_weight_on_input: bool = False
+                ) -> torch.Tensor:
+        """This rank's MoE output [T, H] bf16 for its tokens `x` [T, H] (collective)."""
+        return kernel.apply(x, self.w1_local, self.w2_local, topk_weights, topk_ids,
+                            MoEActivation.SILU, self.num_experts, self.expert_map,
+                            apply_router_weight_on_input)
+
+    def reference(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                  quant_config: FusedMoEQuantConfig | None = None,
+                  apply_router_weight_on_input: bool = False) -> torch.Tensor:
+        """The dense MoE over all experts on this process (see `reference_moe`)."""
+        return reference_moe(x, topk_ids, topk_weights, self.w1, self.w2,
+                             quant_config=quant_config,
+                             apply_router_weight_on_input=apply_router_weight_on_input)
 
 
 def reference_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,

@@ -20,7 +20,8 @@ import torch.distributed as dist
 from moe_plugin.launch import run_workers
 from moe_plugin.transport import DispatchResult, Transport, TransportSpec, make_transport
 from moe_plugin.transport.base import SCALE_BLOCK
-from tests.gpu.test_bundled_decode import Inputs, combine_mismatches, make_inputs, y_of
+from tests.gpu.test_bundled_decode import Inputs, make_inputs, y_of
+from tests.reference import dequantize, expert_scale
 
 pytestmark = pytest.mark.gpu
 
@@ -31,6 +32,22 @@ TIMEOUT_S = 20.0
 
 
 # ------------------------------------------------------------------------- helpers
+def combine_mismatches(out: torch.Tensor, inp: Inputs, rank: int) -> torch.Tensor:
+    """Elements of `out` farther from the dense fp32 sum than three bf16 roundings allow
+    (unit roundoff 2^-8 each, relative to the sum of the terms' magnitudes): the expert's
+    row, the expert side's partial sum (one bf16 row per (token, rank) goes back), and the
+    final sum. Tokens with no expert must be exactly zero. Device int64 scalar, no sync."""
+    spec = inp.spec
+    x, idx, w, scales = inp.of(rank)
+    idx = torch.where((idx >= -1) & (idx < spec.num_experts), idx, -1)
+    coef = torch.where(idx >= 0, w * expert_scale(idx.clamp(min=0)), 0.0)
+    values = dequantize(x, scales)
+    dense = coef.sum(dim=1, keepdim=True) * values
+    bound = coef.abs().sum(dim=1, keepdim=True) * values.abs() * 3 * 2.0 ** -8
+    bad = ((out.float() - dense).abs() > bound) | ~torch.isfinite(out.float())
+    return bad.sum() + (out.shape[0] != x.shape[0])
+
+
 def dispatch(t: Transport, inp: Inputs, *, slot: int = 0, alignment: int = 1,
              hook: bool = False) -> DispatchResult:
     """Expanded dispatch of this rank's part of `inp` (through the hook when `hook`)."""
@@ -167,24 +184,46 @@ def one_expert(inp: Inputs, every_choice: bool) -> Inputs:
 
 
 # ------------------------------------------------------------------------ scenarios
-def scenario_large(world: int) -> list[str]:
-    """deepseek-v3 shapes, T in {0, 1, 4096, 16384} across ranks, bf16 and fp8, alignment
-    1 and 128, num_sms 24 and every SM."""
+def large_cases(group: dist.ProcessGroup | None, world: int, tmax: int,
+                token_sets: list[list[int]]) -> list[str]:
+    """deepseek-v3 shapes on `group` (`world` ranks, this rank's group rank = global rank):
+    bf16 with num_sms 24 and fp8 with every SM, alignment 1 then 128, one call per token
+    set."""
     errors = []
     hidden, experts, topk = DEEPSEEK
     sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
     for dtype, num_sms in ((BF16, 24), (FP8, sms)):
-        spec = TransportSpec(16384, hidden, topk, experts, dtype)
-        bundled, ref = build_pair(spec, num_sms=num_sms)
-        for shift, alignment in ((0, 1), (1, 128)):
-            tokens = rotate([16384, 0, 4096, 1], world, shift)
-            inp = make_inputs(spec, world, tokens, seed=10 + shift)
+        spec = TransportSpec(tmax, hidden, topk, experts, dtype)
+        try:
+            bundled = make_transport("bundled", spec, group, timeout_s=TIMEOUT_S,
+                                     num_sms=num_sms)
+        except RuntimeError as e:
+            # Every rank fails alike: building fails before any peer mapping.
+            return [f"building a BundledTransport with max_tokens_per_rank={tmax} on "
+                    f"{world} ranks failed: {e}"]
+        ref = make_transport("torch", spec, group)
+        for n, tokens in enumerate(token_sets):
+            alignment = (1, 128)[n % 2]
+            inp = make_inputs(spec, world, tokens, seed=10 + n)
             errors += against_torch(bundled, ref, inp, f"{dtype} T{tokens} align {alignment}",
                                     alignment=alignment)
             del inp
         bundled.check()
         release(bundled, ref)
         torch.cuda.empty_cache()
+    return errors
+
+
+def scenario_large(world: int) -> list[str]:
+    """deepseek-v3 shapes with T in {0, 1, 4096, 16384} across ranks: up to 4096 on every
+    rank; 16384 on a group of 2 ranks, and (where the transport can be built) on all."""
+    errors = large_cases(None, world, 4096, [rotate([4096, 0, 1, 4096], world, shift)
+                                             for shift in range(2)])
+    pair = dist.new_group([0, 1])
+    if dist.get_rank() < 2:
+        errors += large_cases(pair, 2, 16384, [[16384, 4096], [1, 16384]])
+    dist.barrier()
+    errors += large_cases(None, world, 16384, [rotate([16384, 0, 4096, 1], world, 0)])
     return errors
 
 
@@ -202,7 +241,7 @@ def scenario_shapes(world: int) -> list[str]:
             spec = TransportSpec(200, hidden, topk, experts, dtype)
             bundled, ref = build_pair(spec, num_sms=rng.choice([1, 8, 24]))
             for routing in ("uniform", "skewed", "none", "mixed"):
-                tokens = [rng.choice([0, 1, 63, 64, 65, 200]) for _ in range(world)]
+                tokens = [rng.choice([0, 1, 127, 128, 129, 200]) for _ in range(world)]
                 alignment = rng.choice([1, 8, 128])
                 inp = make_inputs(spec, world, tokens, rng.randrange(1 << 20), routing)
                 errors += against_torch(bundled, ref, inp, f"H{hidden} K{topk} E{experts} "

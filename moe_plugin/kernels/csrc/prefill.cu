@@ -22,7 +22,10 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kLayoutWarps = 4;
 constexpr int kExchangeThreads = 1024;
 constexpr int kMaxExperts = 2048;  // bounds the exchange kernel's shared memory
-constexpr int kCopyUnroll = 4;     // 16-byte loads in flight per lane
+constexpr int kCopyUnroll = 8;     // 16-byte loads in flight per lane (dispatch copies)
+constexpr int kMaxBlockTokens = 128;
+constexpr int kMaxSources = 32 + kMaxRanks;  // rows summed into one combine output row
+constexpr int kMaxScaleWords = 4;  // scales per lane: at most 128 per token (H <= 16384)
 
 // Byte layout of one slot's region of the symmetric buffer (identical on every rank).
 struct Geometry {
@@ -79,11 +82,11 @@ Geometry make_geometry(long long R, long long rank, long long E, long long K, lo
 }
 
 bool geometry_ok(long long R, long long rank, long long E, long long K, long long H,
-                 long long elt, long long Bt, long long C) {
+                 long long elt, long long nscales, long long Bt, long long C) {
   return R >= 1 && R <= kMaxRanks && rank >= 0 && rank < R && E >= R && E % R == 0 &&
          E <= kMaxExperts && K >= 1 && K <= 32 && H >= 8 && H % 8 == 0 &&
-         (elt == 1 || elt == 2) && (H * elt) % 16 == 0 && Bt >= 32 && Bt <= kThreads &&
-         Bt % 32 == 0 && C >= 1;
+         (elt == 1 || elt == 2) && (H * elt) % 16 == 0 && Bt >= 32 &&
+         Bt <= kMaxBlockTokens && Bt % 32 == 0 && C >= 1 && nscales <= 32 * kMaxScaleWords;
 }
 
 // Per-rank values of one call, from the host table [base R][tokens R][map_off R]
@@ -188,38 +191,46 @@ __device__ int block_rank(bool flag, int* warp_tot, int& total) {
   return flag ? before + __popc(b & lanes_below(lane)) : -1;
 }
 
-// One warp copies a row of n16 16-byte words from `src` to the rows held by the lanes set
-// in `lanes` (lane i's `row` names destination dst_base + row * dst_stride), in lane order.
+// One warp copies one token: `n16` 16-byte words of payload from `src` and `nscales` float
+// scales from `src_scales` to each of `nrows` destinations, row rows[r] (row 0 when `rows`
+// is null) of `dst` / `dst_scales` (strides in bytes / floats). The scales are loaded with
+// the first payload words, so no load waits on another.
 template <bool kFromPeers>
-__device__ __forceinline__ void warp_copy_fanout(const int4* src, int n16, char* dst_base,
-                                                 long long dst_stride, int row,
-                                                 unsigned lanes, int lane) {
+__device__ __forceinline__ void warp_copy_token(const char* src, const float* src_scales,
+                                                int n16, int nscales, char* dst,
+                                                long long dst_stride, float* dst_scales,
+                                                long long scales_stride, const int* rows,
+                                                int nrows, int lane) {
+  float sc[kMaxScaleWords];
+#pragma unroll
+  for (int j = 0; j < kMaxScaleWords; ++j) {
+    const int i = j * 32 + lane;
+    if (i < nscales) sc[j] = kFromPeers ? __ldcg(src_scales + i) : __ldg(src_scales + i);
+  }
+  const int4* s4 = reinterpret_cast<const int4*>(src);
   for (int base = 0; base < n16; base += 32 * kCopyUnroll) {
     int4 v[kCopyUnroll];
 #pragma unroll
     for (int u = 0; u < kCopyUnroll; ++u) {
       const int j = base + u * 32 + lane;
-      if (j < n16) v[u] = kFromPeers ? ld_cg_v4(src + j) : ld_nc_v4(src + j);
+      if (j < n16) v[u] = kFromPeers ? ld_cg_v4(s4 + j) : ld_nc_v4(s4 + j);
     }
-    for (unsigned m = lanes; m; m &= m - 1) {
-      const long long r = __shfl_sync(0xffffffffu, row, __ffs(m) - 1);
-      int4* dst = reinterpret_cast<int4*>(dst_base + r * dst_stride);
+    for (int r = 0; r < nrows; ++r) {
+      int4* d4 = reinterpret_cast<int4*>(dst + (rows ? (long long)rows[r] : 0LL) * dst_stride);
 #pragma unroll
       for (int u = 0; u < kCopyUnroll; ++u) {
         const int j = base + u * 32 + lane;
-        if (j < n16) st_v4(dst + j, v[u]);
+        if (j < n16) st_v4(d4 + j, v[u]);
       }
     }
   }
-}
-
-// The same for the `n` float scales of a row.
-template <bool kFromPeers>
-__device__ __forceinline__ void warp_copy_scales(const float* src, int n, float* dst_base,
-                                                 int row, unsigned lanes, int lane) {
-  for (unsigned m = lanes; m; m &= m - 1) {
-    const long long r = __shfl_sync(0xffffffffu, row, __ffs(m) - 1);
-    for (int i = lane; i < n; i += 32) dst_base[r * n + i] = kFromPeers ? __ldcg(src + i) : src[i];
+  for (int r = 0; r < nrows; ++r) {
+    float* d = dst_scales + (rows ? (long long)rows[r] : 0LL) * scales_stride;
+#pragma unroll
+    for (int j = 0; j < kMaxScaleWords; ++j) {
+      const int i = j * 32 + lane;
+      if (i < nscales) d[i] = sc[j];
+    }
   }
 }
 
@@ -427,165 +438,170 @@ struct DispatchArgs {
   WaitSite site;
 };
 
-// Lane k < K: whether choice k of token t lives on rank d and, if so, its row in d's
-// recv_x, its local expert and weight. Returns the ballot of those lanes.
-__device__ __forceinline__ unsigned token_choices(const DispatchArgs& a, long long t, int d,
-                                                  int lane, int& row, int& lid, float& w) {
-  const Geometry& g = a.g;
-  bool here = false;
-  if (lane < g.K) {
-    const long long i = t * g.K + lane;
-    const int e = a.clean[i];
-    if (e >= 0 && e / g.L == d) {
-      here = true;
-      row = a.dst_off[e] + a.warp_base[(t / a.tokens_per_warp) * g.E + e] + a.pos[i];
-      lid = e - d * g.L;
-      w = a.weights[i];
-    }
-  }
-  return __ballot_sync(0xffffffffu, here);
-}
+// One block of tokens in a data block's shared memory: entry j * K + k is choice k of the
+// block's j-th token.
+struct DispatchSmem {
+  int list[kMaxBlockTokens];  // sender: the tokens going to the destination
+  int nrows[kMaxBlockTokens];  // receiver: rows of each token of the chunk
+  int row[kMaxBlockTokens * 32];
+  short lid[kMaxBlockTokens * 32];
+  float w[kMaxBlockTokens * 32];
+  int warp_rows[kWarps][32];  // a token's rows on this rank, compacted
+  int warp_tot[kWarps];
+  int ok;
+  int n;
+};
 
-// Own tokens go straight from x to this rank's recv_x.
-__device__ void dispatch_self(const DispatchArgs& a, int index, int count) {
+// Tokens of block b of this rank going to rank d, with every choice's row on d (all threads
+// at once), then one warp per token: own rank straight into recv_x, a peer into chunk `cid`
+// of its ring. Returns false when the wait for a free chunk gave up.
+__device__ bool dispatch_block(const DispatchArgs& a, DispatchSmem& sm, int d, int b,
+                               long long cid) {
   const Geometry& g = a.g;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, me = g.rank;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, me = g.rank, K = g.K;
   const long long T = a.peers.tokens[me];
-  for (long long t = (long long)index * kWarps + warp; t < T; t += (long long)count * kWarps) {
-    if (!((a.dest_mask[t] >> me) & 1u)) continue;
-    int row = 0, lid = 0;
-    float w = 0.f;
-    const unsigned here = token_choices(a, t, me, lane, row, lid, w);
-    if ((here >> lane) & 1u) {
-      a.recv_idx[row] = lid;
-      a.recv_w[row] = w;
-      a.map[(a.peers.map_off[me] + t) * g.K + __popc(here & lanes_below(lane))] = row;
-    }
-    warp_copy_fanout<false>(reinterpret_cast<const int4*>(a.x + t * g.row_bytes),
-                            (int)(g.row_bytes / 16), a.recv_x, g.row_bytes, row, here, lane);
-    if (g.nscales)
-      warp_copy_scales<false>(a.x_scales + t * g.nscales, g.nscales, a.recv_scales, row, here,
-                              lane);
-  }
-}
-
-// Tokens for peer d go, block by block, into the ring at d.
-__device__ void dispatch_send(const DispatchArgs& a, int d, int index, int count) {
-  __shared__ int list[kThreads];
-  __shared__ int warp_tot[kWarps];
-  __shared__ int ok;
-  const Geometry& g = a.g;
-  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, me = g.rank;
-  const long long T = a.peers.tokens[me];
-  const int nb = num_blocks(T, g.Bt);
   char* peer = a.peers.base[d];
-  char* local = a.peers.base[me];
-  for (int b = index; b < nb; b += count) {
-    const long long cid = a.peers.prod_base[d] + b;
-    const int c = (int)(cid % g.C);
-    if (tid == 0)
-      ok = cid < g.C || wait_flag_geq(u64_at(local, g.off_free, d * g.C + c),
-                                      (unsigned long long)(cid - g.C + 1), a.site, d);
-    const long long t = (long long)b * g.Bt + tid;
-    const bool sends = tid < g.Bt && t < T && ((a.dest_mask[t] >> d) & 1u);
-    int n;
-    const int j = block_rank(sends, warp_tot, n);
-    if (sends) list[j] = (int)t;
-    __syncthreads();
-    if (!ok) return;
-    char* chunk = chunk_at(peer, g, me, d, cid);
-    for (int k = warp; k < n; k += kWarps) {
-      const long long tk = list[k];
-      int row = 0, lid = 0;
-      float w = 0.f;
-      const unsigned here = token_choices(a, tk, d, lane, row, lid, w);
-      int* meta = reinterpret_cast<int*>(chunk + g.meta_off + k * g.meta_stride);
-      if ((here >> lane) & 1u) {
-        const int at = __popc(here & lanes_below(lane));
-        meta[2 + at] = row;
-        meta[2 + g.K + at] = lid;
-        meta[2 + 2 * g.K + at] = __float_as_int(w);
-      }
-      if (lane == 0) {
-        meta[0] = (int)tk;
-        meta[1] = __popc(here);
-      }
-      char* dst = chunk + k * g.row_stride;
-      warp_copy_fanout<false>(reinterpret_cast<const int4*>(a.x + tk * g.row_bytes),
-                              (int)(g.row_bytes / 16), dst, 0, 0, 1u, lane);
-      if (g.nscales)
-        warp_copy_scales<false>(a.x_scales + tk * g.nscales, g.nscales,
-                                reinterpret_cast<float*>(dst + g.row_bytes), 0, 1u, lane);
-    }
-    fence_acq_rel_sys();  // this thread's peer stores, before thread 0 releases the chunk
-    __syncthreads();
-    if (tid == 0) {
-      *reinterpret_cast<volatile int*>(int_at(peer, g.off_ready_n, me * g.C + c)) = n;
-      fence_acq_rel_sys();
-      st_release_sys(u64_at(peer, g.off_ready, me * g.C + c), (unsigned long long)(cid + 1));
+  const int c = (int)(cid % g.C);
+  if (tid == 0)
+    sm.ok = d == me || cid < g.C ||
+            wait_flag_geq(u64_at(a.peers.base[me], g.off_free, d * g.C + c),
+                          (unsigned long long)(cid - g.C + 1), a.site, d);
+  const long long t = (long long)b * g.Bt + tid;
+  const bool sends = tid < g.Bt && t < T && ((a.dest_mask[t] >> d) & 1u);
+  int n;
+  const int j = block_rank(sends, sm.warp_tot, n);
+  if (sends) sm.list[j] = (int)t;
+  __syncthreads();
+  for (int e = tid; e < n * K; e += kThreads) {
+    const int jj = e / K;
+    const long long i = (long long)sm.list[jj] * K + (e - jj * K);
+    const int ex = a.clean[i];
+    const bool here = ex >= 0 && ex / g.L == d;
+    sm.row[e] = here ? a.dst_off[ex] +
+                           a.warp_base[(long long)(sm.list[jj] / a.tokens_per_warp) * g.E + ex] +
+                           a.pos[i]
+                     : -1;
+    if (here) {
+      sm.lid[e] = (short)(ex - d * g.L);
+      sm.w[e] = a.weights[i];
     }
   }
+  __syncthreads();
+  if (!sm.ok) return false;
+  char* chunk = d == me ? nullptr : chunk_at(peer, g, me, d, cid);
+  const int n16 = (int)(g.row_bytes / 16);
+  for (int k = warp; k < n; k += kWarps) {
+    const long long tk = sm.list[k];
+    const int e = k * K + lane;
+    const int row = lane < K ? sm.row[e] : -1;
+    const unsigned here = __ballot_sync(0xffffffffu, row >= 0);
+    const int at = __popc(here & lanes_below(lane));
+    const int nrows = __popc(here);
+    const char* src = a.x + tk * g.row_bytes;
+    const float* src_scales = a.x_scales + tk * g.nscales;
+    if (d == me) {
+      if (row >= 0) {
+        sm.warp_rows[warp][at] = row;
+        a.recv_idx[row] = sm.lid[e];
+        a.recv_w[row] = sm.w[e];
+        a.map[(a.peers.map_off[me] + tk) * K + at] = row;
+      }
+      __syncwarp();
+      warp_copy_token<false>(src, src_scales, n16, g.nscales, a.recv_x, g.row_bytes,
+                             a.recv_scales, g.nscales, sm.warp_rows[warp], nrows, lane);
+      __syncwarp();
+      continue;
+    }
+    int* meta = reinterpret_cast<int*>(chunk + g.meta_off + k * g.meta_stride);
+    if (row >= 0) {
+      meta[2 + at] = row;
+      meta[2 + K + at] = sm.lid[e];
+      meta[2 + 2 * K + at] = __float_as_int(sm.w[e]);
+    }
+    if (lane == 0) {
+      meta[0] = (int)tk;
+      meta[1] = nrows;
+    }
+    char* dst = chunk + k * g.row_stride;
+    warp_copy_token<false>(src, src_scales, n16, g.nscales, dst, 0,
+                           reinterpret_cast<float*>(dst + g.row_bytes), 0, nullptr, 1, lane);
+  }
+  if (d == me) {
+    __syncthreads();  // shared memory is reused by the next block
+    return true;
+  }
+  fence_acq_rel_sys();  // this thread's peer stores, before thread 0 releases the chunk
+  __syncthreads();
+  if (tid == 0) {
+    *reinterpret_cast<volatile int*>(int_at(peer, g.off_ready_n, me * g.C + c)) = n;
+    fence_acq_rel_sys();
+    st_release_sys(u64_at(peer, g.off_ready, me * g.C + c), (unsigned long long)(cid + 1));
+  }
+  return true;
 }
 
-// Chunks from peer s are copied to every row their tokens' choices take here.
-__device__ void dispatch_receive(const DispatchArgs& a, int s, int index, int count) {
-  __shared__ int ok;
-  __shared__ int chunk_tokens;
+// Chunk `cid` from peer s: its metadata (all threads at once), then one warp per token
+// copying it to every row its choices take here. Returns false when the wait gave up.
+__device__ bool receive_chunk(const DispatchArgs& a, DispatchSmem& sm, int s, long long cid) {
   const Geometry& g = a.g;
-  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, me = g.rank;
-  const int nb = num_blocks(a.peers.tokens[s], g.Bt);
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, me = g.rank, K = g.K;
   char* local = a.peers.base[me];
-  for (int b = index; b < nb; b += count) {
-    const long long cid = a.peers.cons_base[s] + b;
-    const int c = (int)(cid % g.C);
-    if (tid == 0) {
-      ok = wait_flag_geq(u64_at(local, g.off_ready, s * g.C + c), (unsigned long long)(cid + 1),
-                         a.site, s);
-      chunk_tokens = ok ? ld_volatile(int_at(local, g.off_ready_n, s * g.C + c)) : 0;
-    }
-    __syncthreads();
-    if (!ok) return;
-    const int n = chunk_tokens;
-    const char* chunk = chunk_at(local, g, s, me, cid);
-    for (int k = warp; k < n; k += kWarps) {
-      const int* meta = reinterpret_cast<const int*>(chunk + g.meta_off + k * g.meta_stride);
-      const long long t = __ldcg(meta);
-      const int nrows = __ldcg(meta + 1);
-      const unsigned lanes = lanes_below(nrows);
-      int row = 0;
-      if (lane < nrows) {
-        row = __ldcg(meta + 2 + lane);
-        a.recv_idx[row] = __ldcg(meta + 2 + g.K + lane);
-        a.recv_w[row] = __int_as_float(__ldcg(meta + 2 + 2 * g.K + lane));
-        a.map[(a.peers.map_off[s] + t) * g.K + lane] = row;
-      }
-      const char* src = chunk + k * g.row_stride;
-      warp_copy_fanout<true>(reinterpret_cast<const int4*>(src), (int)(g.row_bytes / 16),
-                             a.recv_x, g.row_bytes, row, lanes, lane);
-      if (g.nscales)
-        warp_copy_scales<true>(reinterpret_cast<const float*>(src + g.row_bytes), g.nscales,
-                               a.recv_scales, row, lanes, lane);
-    }
-    __syncthreads();
-    if (tid == 0) {
-      fence_acq_rel_sys();
-      st_release_sys(u64_at(a.peers.base[s], g.off_free, me * g.C + c),
-                     (unsigned long long)(cid + 1));
+  const int c = (int)(cid % g.C);
+  if (tid == 0) {
+    sm.ok = wait_flag_geq(u64_at(local, g.off_ready, s * g.C + c), (unsigned long long)(cid + 1),
+                          a.site, s);
+    sm.n = sm.ok ? ld_volatile(int_at(local, g.off_ready_n, s * g.C + c)) : 0;
+  }
+  __syncthreads();
+  if (!sm.ok) return false;
+  const int n = sm.n;
+  const char* chunk = chunk_at(local, g, s, me, cid);
+  for (int e = tid; e < n * K; e += kThreads) {
+    const int j = e / K, r = e - j * K;
+    const int* meta = reinterpret_cast<const int*>(chunk + g.meta_off + j * g.meta_stride);
+    const int nrows = __ldcg(meta + 1);
+    if (r == 0) sm.nrows[j] = nrows;
+    if (r < nrows) {
+      const int row = __ldcg(meta + 2 + r);
+      sm.row[e] = row;
+      a.recv_idx[row] = __ldcg(meta + 2 + K + r);
+      a.recv_w[row] = __int_as_float(__ldcg(meta + 2 + 2 * K + r));
+      a.map[(a.peers.map_off[s] + __ldcg(meta)) * K + r] = row;
     }
   }
+  __syncthreads();
+  const int n16 = (int)(g.row_bytes / 16);
+  for (int k = warp; k < n; k += kWarps) {
+    const char* src = chunk + k * g.row_stride;
+    warp_copy_token<true>(src, reinterpret_cast<const float*>(src + g.row_bytes), n16,
+                          g.nscales, a.recv_x, g.row_bytes, a.recv_scales, g.nscales,
+                          sm.row + k * K, sm.nrows[k], lane);
+  }
+  __syncthreads();
+  if (tid == 0) {
+    fence_acq_rel_sys();
+    st_release_sys(u64_at(a.peers.base[s], g.off_free, me * g.C + c),
+                   (unsigned long long)(cid + 1));
+  }
+  return true;
 }
 
-// Groups: [0, R) send to rank d (own rank: straight into recv_x), [R, 2R) receive from s.
+// Groups: [0, R) send this rank's token blocks to rank d (own rank: straight into
+// recv_x), [R, 2R) receive the chunks of source s.
 __global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(const __grid_constant__ DispatchArgs a) {
+  __shared__ DispatchSmem sm;
   int index, count;
   const int group = my_group(a.peers, index, count);
   const int R = a.g.R;
-  if (group == a.g.rank) {
-    dispatch_self(a, index, count);
-  } else if (group < R) {
-    dispatch_send(a, group, index, count);
+  if (group < R) {
+    const int nb = num_blocks(a.peers.tokens[a.g.rank], a.g.Bt);
+    for (int b = index; b < nb; b += count)
+      if (!dispatch_block(a, sm, group, b, a.peers.prod_base[group] + b)) return;
   } else {
-    dispatch_receive(a, group - R, index, count);
+    const int s = group - R;
+    const int nb = num_blocks(a.peers.tokens[s], a.g.Bt);
+    for (int b = index; b < nb; b += count)
+      if (!receive_chunk(a, sm, s, a.peers.cons_base[s] + b)) return;
   }
 }
 
@@ -600,39 +616,59 @@ struct CombineArgs {
   WaitSite site;
 };
 
-// One warp: acc (U words of 8 floats, lane's columns base + u*32 + lane) += rows of y held
-// by the lanes set in `lanes`.
-__device__ __forceinline__ void add_rows(float (*acc)[8], const __nv_bfloat16* y, int H16,
-                                         int base, int row, unsigned lanes, int lane) {
-  for (unsigned m = lanes; m; m &= m - 1) {
-    const long long r = __shfl_sync(0xffffffffu, row, __ffs(m) - 1);
-    const int4* src = reinterpret_cast<const int4*>(y + r * (H16 * 8));
-    int4 v[kCopyUnroll];
+// One warp: dst (bf16, H16 16-byte words) = the fp32 sum of the `n` bf16 rows src[0..n)
+// (in that order), rounded once; zeros when n = 0. G rows x U words are loaded before
+// any is added, so a row costs no wait of its own.
+template <int G, int U>
+__device__ __forceinline__ void warp_sum_rows(const int4* const* src, int n, int H16,
+                                              int4* dst, int lane) {
+  for (int base = 0; base < H16; base += 32 * U) {
+    float acc[U][8] = {};
+    for (int s0 = 0; s0 < n; s0 += G) {
+      int4 v[G][U];
 #pragma unroll
-    for (int u = 0; u < kCopyUnroll; ++u) {
-      const int j = base + u * 32 + lane;
-      if (j < H16) v[u] = ld_nc_v4(src + j);
+      for (int g = 0; g < G; ++g) {
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          const int j = base + u * 32 + lane;
+          if (s0 + g < n && j < H16) v[g][u] = ld_cg_v4(src[s0 + g] + j);
+        }
+      }
+#pragma unroll
+      for (int g = 0; g < G; ++g) {
+        if (s0 + g < n) {
+#pragma unroll
+          for (int u = 0; u < U; ++u) {
+            if (base + u * 32 + lane < H16) add_bf16x8(acc[u], v[g][u]);
+          }
+        }
+      }
     }
 #pragma unroll
-    for (int u = 0; u < kCopyUnroll; ++u) {
+    for (int u = 0; u < U; ++u) {
       const int j = base + u * 32 + lane;
-      if (j < H16) add_bf16x8(acc[u], v[u]);
+      if (j < H16) st_v4(dst + j, pack_bf16x8(acc[u]));
     }
   }
 }
 
-// Lane k < K holds the k-th row of y that (source s, token t) was dispatched to here;
-// returns the ballot of lanes holding one.
-__device__ __forceinline__ unsigned rows_of(const CombineArgs& a, int s, long long t, int lane,
-                                            int& row) {
-  row = lane < a.g.K ? a.map[(a.peers.map_off[s] + t) * a.g.K + lane] : -1;
-  return __ballot_sync(0xffffffffu, row >= 0);
+// Appends the rows of y that (source s, token t) was dispatched to here (choice order) to
+// the warp's list `src` at `n`; returns the new length.
+__device__ __forceinline__ int append_rows(const CombineArgs& a, int s, long long t, int lane,
+                                           const int4** src, int n) {
+  const int row = lane < a.g.K ? a.map[(a.peers.map_off[s] + t) * a.g.K + lane] : -1;
+  const unsigned lanes = __ballot_sync(0xffffffffu, row >= 0);
+  if (row >= 0)
+    src[n + __popc(lanes & lanes_below(lane))] =
+        reinterpret_cast<const int4*>(a.y + (long long)row * a.g.H);
+  return n + __popc(lanes);
 }
 
 // Expert side: each token of source s that came here gets one row back, the fp32 sum of
 // its rows of y rounded to bf16, written into the ring at s.
-__device__ void combine_send(const CombineArgs& a, int s, int index, int count) {
-  __shared__ int list[kThreads];
+__device__ void combine_send(const CombineArgs& a, int s, int index, int count,
+                             const int4** src) {
+  __shared__ int list[kMaxBlockTokens];
   __shared__ int warp_tot[kWarps];
   __shared__ int ok;
   const Geometry& g = a.g;
@@ -657,18 +693,11 @@ __device__ void combine_send(const CombineArgs& a, int s, int index, int count) 
     if (!ok) return;
     char* chunk = chunk_at(peer, g, me, s, cid);
     for (int k = warp; k < n; k += kWarps) {
-      int row;
-      const unsigned lanes = rows_of(a, s, list[k], lane, row);
+      const int nrows = append_rows(a, s, list[k], lane, src, 0);
+      __syncwarp();
       int4* dst = reinterpret_cast<int4*>(chunk + (long long)k * g.H * 2);
-      for (int base = 0; base < H16; base += 32 * kCopyUnroll) {
-        float acc[kCopyUnroll][8] = {};
-        add_rows(acc, a.y, H16, base, row, lanes, lane);
-#pragma unroll
-        for (int u = 0; u < kCopyUnroll; ++u) {
-          const int jj = base + u * 32 + lane;
-          if (jj < H16) st_v4(dst + jj, pack_bf16x8(acc[u]));
-        }
-      }
+      warp_sum_rows<2, 4>(src, nrows, H16, dst, lane);
+      __syncwarp();
     }
     fence_acq_rel_sys();  // this thread's peer stores, before thread 0 releases the chunk
     __syncthreads();
@@ -682,8 +711,8 @@ __device__ void combine_send(const CombineArgs& a, int s, int index, int count) 
 
 // Source side: out[t] = fp32 sum, over ranks in order, of the row each rank returned for
 // token t (this rank's own rows of y summed in place), rounded once to bf16.
-__device__ void combine_receive(const CombineArgs& a, int index, int count) {
-  __shared__ short slot_of[kMaxRanks][kThreads];  // token's row in each peer's chunk
+__device__ void combine_receive(const CombineArgs& a, int index, int count, const int4** src) {
+  __shared__ short slot_of[kMaxRanks][kMaxBlockTokens];  // token's row in each peer's chunk
   __shared__ int warp_tot[kWarps];
   __shared__ int failed;
   __shared__ const char* chunk_of[kMaxRanks];
@@ -717,37 +746,21 @@ __device__ void combine_receive(const CombineArgs& a, int index, int count) {
     for (int k = warp; k < in_block; k += kWarps) {
       const long long tk = (long long)b * g.Bt + k;
       const unsigned m = a.dest_mask[tk];
-      int row = 0;
-      const unsigned own = ((m >> me) & 1u) ? rows_of(a, me, tk, lane, row) : 0u;
-      int4* dst = reinterpret_cast<int4*>(a.out + tk * g.H);
-      for (int base = 0; base < H16; base += 32 * kCopyUnroll) {
-        float acc[kCopyUnroll][8] = {};
-        for (int d = 0; d < R; ++d) {
-          if (!((m >> d) & 1u)) continue;
-          if (d == me) {
-            add_rows(acc, a.y, H16, base, row, own, lane);
-            continue;
-          }
-          const int4* src = reinterpret_cast<const int4*>(chunk_of[d] +
-                                                          (long long)slot_of[d][k] * g.H * 2);
-          int4 v[kCopyUnroll];
-#pragma unroll
-          for (int u = 0; u < kCopyUnroll; ++u) {
-            const int j = base + u * 32 + lane;
-            if (j < H16) v[u] = ld_cg_v4(src + j);
-          }
-#pragma unroll
-          for (int u = 0; u < kCopyUnroll; ++u) {
-            const int j = base + u * 32 + lane;
-            if (j < H16) add_bf16x8(acc[u], v[u]);
-          }
+      int n = 0;
+      for (int d = 0; d < R; ++d) {
+        if (!((m >> d) & 1u)) continue;
+        if (d == me) {
+          n = append_rows(a, me, tk, lane, src, n);
+          continue;
         }
-#pragma unroll
-        for (int u = 0; u < kCopyUnroll; ++u) {
-          const int j = base + u * 32 + lane;
-          if (j < H16) st_v4(dst + j, pack_bf16x8(acc[u]));
-        }
+        if (lane == 0)
+          src[n] = reinterpret_cast<const int4*>(chunk_of[d] +
+                                                 (long long)slot_of[d][k] * g.H * 2);
+        ++n;
       }
+      __syncwarp();
+      warp_sum_rows<8, 2>(src, n, H16, reinterpret_cast<int4*>(a.out + tk * g.H), lane);
+      __syncwarp();
     }
     __syncthreads();
     if (tid < R && tid != me) {
@@ -761,12 +774,14 @@ __device__ void combine_receive(const CombineArgs& a, int index, int count) {
 
 // Groups: [0, R) return rows to source s (own rank: none), R: sum this rank's tokens.
 __global__ void __launch_bounds__(kThreads, 1) combine_kernel(const __grid_constant__ CombineArgs a) {
+  __shared__ const int4* sources[kWarps][kMaxSources];  // rows each warp is summing
   int index, count;
   const int group = my_group(a.peers, index, count);
+  const int4** src = sources[threadIdx.x >> 5];
   if (group < a.g.R) {
-    combine_send(a, group, index, count);
+    combine_send(a, group, index, count, src);
   } else {
-    combine_receive(a, index, count);
+    combine_receive(a, index, count, src);
   }
 }
 
@@ -789,7 +804,7 @@ extern "C" {
 MOE_EXPORT long long moe_prefill_slot_bytes(long long R, long long E, long long K, long long H,
                                             long long elt, long long nscales, long long Bt,
                                             long long C) {
-  if (!geometry_ok(R, 0, E, K, H, elt, Bt, C)) return 0;
+  if (!geometry_ok(R, 0, E, K, H, elt, nscales, Bt, C)) return 0;
   return make_geometry(R, 0, E, K, H, elt, nscales, Bt, C).slot_bytes;
 }
 
@@ -838,7 +853,7 @@ MOE_EXPORT int moe_prefill_exchange(long long R, long long rank, long long E, lo
                                     long long alignment, long long seq, void* dst_off,
                                     void* recv_counts, void* segments, void* host, void* err,
                                     double timeout_s, long long slot, void* stream) {
-  if (!geometry_ok(R, rank, E, K, H, elt, Bt, C) || alignment < 1 || warps < 1)
+  if (!geometry_ok(R, rank, E, K, H, elt, nscales, Bt, C) || alignment < 1 || warps < 1)
     return MOE_STATUS_INVALID_ARGUMENT;
   ExchangeArgs a{};
   a.g = make_geometry(R, rank, E, K, H, elt, nscales, Bt, C);
@@ -871,7 +886,7 @@ MOE_EXPORT int moe_prefill_dispatch(long long R, long long rank, long long E, lo
                                     void* recv_scales, void* recv_idx, void* recv_w,
                                     void* map, void* err, double timeout_s, long long slot,
                                     void* stream) {
-  if (!geometry_ok(R, rank, E, K, H, elt, Bt, C) || ctas < 2 * R - 1 || tokens_per_warp < 1)
+  if (!geometry_ok(R, rank, E, K, H, elt, nscales, Bt, C) || ctas < 2 * R - 1 || tokens_per_warp < 1)
     return MOE_STATUS_INVALID_ARGUMENT;
   DispatchArgs a{};
   a.g = make_geometry(R, rank, E, K, H, elt, nscales, Bt, C);
@@ -910,7 +925,7 @@ MOE_EXPORT int moe_prefill_combine(long long R, long long rank, long long E, lon
                                    long long ctas, void* y, void* map, void* dest_mask,
                                    void* out, void* err, double timeout_s, long long slot,
                                    void* stream) {
-  if (!geometry_ok(R, rank, E, K, H, elt, Bt, C) || ctas < R) return MOE_STATUS_INVALID_ARGUMENT;
+  if (!geometry_ok(R, rank, E, K, H, elt, nscales, Bt, C) || ctas < R) return MOE_STATUS_INVALID_ARGUMENT;
   CombineArgs a{};
   a.g = make_geometry(R, rank, E, K, H, elt, nscales, Bt, C);
   a.peers = load_peers(static_cast<const long long*>(peer_table), (int)R);

@@ -128,9 +128,14 @@ def _wrap(original: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(original)
     def maybe_make_prepare_finalize(*args: Any, **kwargs: Any) -> Any:
         bound = signature.bind(*args, **kwargs)
-        ours = make_prepare_finalize(
-            bound.arguments["moe"], bound.arguments.get("quant_config"),
-            use_monolithic=bool(bound.arguments.get("use_monolithic", False)))
+        bound.apply_defaults()
+        arguments = bound.arguments
+        # A caller that does not take the modular interface gets vLLM's answer: its layer
+        # exchanges tokens outside the kernel (releases without the argument all take it).
+        if not arguments.get("allow_new_interface", True):
+            return original(*args, **kwargs)
+        ours = make_prepare_finalize(arguments["moe"], arguments.get("quant_config"),
+                                     use_monolithic=bool(arguments.get("use_monolithic")))
         return ours if ours is not None else original(*args, **kwargs)
 
     setattr(maybe_make_prepare_finalize, _WRAPPED, original)
@@ -147,7 +152,8 @@ class _PatchOnImport(importlib.abc.MetaPathFinder):
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
                 continue
-            spec = finder.find_spec(fullname, path, target)
+            spec = finder.find_spec(fullname, path, target) if target is not None \
+                else finder.find_spec(fullname, path)
             if spec is not None:
                 if spec.loader is not None:
                     spec.loader = _PatchingLoader(spec.loader)

@@ -82,9 +82,11 @@ def check_selection(plugin: ModuleType) -> dict[str, list[str]]:
     # vLLM's own naive prepare/finalize reads only world_size from its all2all manager.
     manager = SimpleNamespace(world_size=2)
 
-    def chosen(additional_config: dict[str, Any], moe: Any = ep_layer) -> str:
+    def chosen(additional_config: dict[str, Any], moe: Any = ep_layer,
+               new_interface: bool = True) -> str:
         with set_current_vllm_config(VllmConfig(additional_config=additional_config)):
-            pf = factory(moe, quant, allow_new_interface=True, all2all_manager=manager)
+            pf = factory(moe, quant, allow_new_interface=new_interface,
+                         all2all_manager=manager)
         return type(pf).__name__
 
     with set_current_vllm_config(VllmConfig()):
@@ -107,6 +109,9 @@ def check_selection(plugin: ModuleType) -> dict[str, list[str]]:
         got = chosen(config)
         if got != want:
             selection.append(f"{name}: built {got}, expected {want}")
+    got = chosen({"moe_plugin": on}, new_interface=False)
+    if got != "NoneType":
+        selection.append(f"a caller without the modular interface got {got}")
     single = expert_parallel_moe_config(16, 2, 256, 64, world_size=1, rank=0)
     got = chosen({"moe_plugin": on}, single)
     if got.startswith(("Decode", "Prefill")):

@@ -100,6 +100,7 @@ class TransportPrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
         self.num_local_experts = spec.num_experts // pool.world_size
         self.rank_expert_offset = pool.rank * self.num_local_experts
         self.handles: list[_InFlight | None] = [None, None]
+        self._transports: dict[bool, Transport] = {}
         self._fp8_dispatch = quantized_dispatch(quant_config, defer_input_quant=False)
         self._transport(self._fp8_dispatch)
 
@@ -158,6 +159,8 @@ class TransportPrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
             a1 = a1 * topk_weights.to(a1.dtype)
         fp8 = self._fp8_dispatch and quantized_dispatch(quant_config, defer_input_quant)
         x, x_scales = quantize_activations(a1, quant_config) if fp8 else (a1, None)
+        if x_scales is not None:
+            x_scales = x_scales.contiguous()
         transport = self._transport(fp8)
         slot = dbo_current_ubatch_id()
         split = transport.supports_split_phases
@@ -210,8 +213,14 @@ class TransportPrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
 
     # ---------------------------------------------------------------- helpers
     def _transport(self, fp8: bool) -> Transport:
-        dtype = FP8 if fp8 else torch.bfloat16
-        return self.pool.get(dataclasses.replace(self.spec, dtype=dtype))
+        """The fp8 or bf16 transport (from the pool on first use; per-call lookups stay
+        off the pool)."""
+        transport = self._transports.get(fp8)
+        if transport is None:
+            dtype = FP8 if fp8 else torch.bfloat16
+            transport = self._transports[fp8] = self.pool.get(
+                dataclasses.replace(self.spec, dtype=dtype))
+        return transport
 
     def _checked_inputs(self, a1: torch.Tensor, topk_ids: torch.Tensor,
                         topk_weights: torch.Tensor, num_experts: int,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import statistics
 import sys
 import time
@@ -61,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--nprocs must divide the {NUM_EXPERTS} experts, got {args.nprocs}")
     if args.tokens < 0 or args.iters < 1:
         parser.error("--tokens must be >= 0 and --iters >= 1")
+    if not torch.cuda.is_available():
+        # vLLM picks its platform from this; the spawned ranks inherit it.
+        os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
     try:
         import vllm  # noqa: F401 - the layer runs inside vLLM's modular kernel
     except ImportError:

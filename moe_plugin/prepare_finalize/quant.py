@@ -1,9 +1,9 @@
 """Activation quantization around the exchange.
 
 Block-quantized fp8 activations with 128-wide blocks travel quantized (the scales ride
-with the tokens); every other scheme travels in bf16 and is quantized after receive. Where
-vLLM's compiled kernels run (CUDA / ROCm) vLLM's own helper quantizes; elsewhere (CPU) a
-pure-torch per-token-group fp8 quantizer with the same math stands in for the fp8 case.
+with the tokens); every other scheme travels in bf16 and is quantized after receive.
+vLLM's own helper quantizes tensors on the GPU; for CPU tensors a pure-torch
+per-token-group fp8 quantizer with the same math stands in for the fp8 case.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 from vllm.model_executor.layers.fused_moe.config import FusedMoEQuantConfig
 from vllm.model_executor.layers.fused_moe.utils import moe_kernel_quantize_input
-from vllm.platforms import current_platform
 
 from moe_plugin.transport.base import SCALE_BLOCK
 
@@ -52,7 +51,7 @@ def quantize_activations(x: torch.Tensor, quant_config: FusedMoEQuantConfig
         return x, None
     block = quant_config.block_shape
     if quant_dtype == FP8 and block is not None and (
-            x.shape[0] == 0 or not current_platform.is_cuda_alike()):
+            x.shape[0] == 0 or x.device.type == "cpu"):
         return fp8_group_quantize(x, block[1])
     if x.shape[0] == 0:
         return x, None

@@ -24,6 +24,7 @@ from vllm.model_executor.layers.fused_moe.topk_weight_and_reduce import (
     TopKWeightAndReduceNoOP,
 )
 from vllm.model_executor.layers.quantization.utils.quant_utils import QuantKey
+from vllm.v1.worker.workspace import init_workspace_manager, is_workspace_manager_initialized
 
 from moe_plugin.prepare_finalize.quant import dequantize_activations, quantize_activations
 
@@ -184,6 +185,9 @@ class ExpertParallelMoE:
         self.w1_local = self.w1[rank * local:(rank + 1) * local].contiguous()
         self.w2_local = self.w2[rank * local:(rank + 1) * local].contiguous()
         self.expert_map = linear_expert_map(num_experts, world_size, rank, self.device)
+        # vLLM's model runner sets this up in a server; the GPU kernel path draws on it.
+        if not is_workspace_manager_initialized():
+            init_workspace_manager(self.device)
 
     def kernel(self, prepare_finalize: mk.FusedMoEPrepareAndFinalizeModular, top_k: int,
                quant_config: FusedMoEQuantConfig, **expert_options: object

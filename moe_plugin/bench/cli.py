@@ -159,9 +159,10 @@ def machine_info(nprocs: int, backend: str) -> dict[str, Any]:
         "gpu_name": None, "gpu_count": 0, "cuda": torch.version.cuda,
     }
     if torch.cuda.is_available():
+        nccl = torch.cuda.nccl.version()
         info.update(gpu_name=torch.cuda.get_device_name(0),
                     gpu_count=torch.cuda.device_count(),
-                    nccl=".".join(map(str, torch.cuda.nccl.version())))
+                    nccl=".".join(map(str, nccl)) if isinstance(nccl, tuple) else str(nccl))
     return info
 
 
@@ -184,11 +185,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     backend = default_backend()
     print(f"moe_plugin bench: {nprocs} ranks ({backend}), transports {', '.join(cfg.transports)}, "
           f"{len(cfg.cases())} cases", file=sys.stderr)
+    machine = machine_info(nprocs, backend)
     per_rank = run_workers(bench_worker, nprocs, cfg, timeout_s=args.timeout)
     rows = result_rows(cfg, per_rank)
     args.out.mkdir(parents=True, exist_ok=True)
-    report = write_json(args.out / "bench.json", cfg, machine_info(nprocs, backend), per_rank,
-                        rows)
+    report = write_json(args.out / "bench.json", cfg, machine, per_rank, rows)
     write_plot(args.out / "bench.png", report)
     print(format_tables(rows, nprocs, backend))
     print()

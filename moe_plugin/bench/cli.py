@@ -56,6 +56,15 @@ def _int_list(text: str) -> tuple[int, ...]:
     return values
 
 
+def _at_least(low: int) -> Any:
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+    return parse
+
+
 def _sms_list(text: str) -> tuple[int | str, ...]:
     parts = [v for v in text.split(",") if v]
     return tuple("all" if v == "all" else _int_list(v)[0] for v in parts)
@@ -79,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma list (default: every one this host has; bundled needs CUDA)")
     p.add_argument("--dtypes", type=_names(DTYPES), default=DTYPES,
                    help="dispatch payloads (combine is always bf16); default bf16,fp8")
-    p.add_argument("--nprocs", type=int, default=None,
+    p.add_argument("--nprocs", type=_at_least(1), default=None,
                    help="processes: default one per GPU, else 4 CPU processes (gloo)")
     p.add_argument("--sweep", action="store_true",
                    help=f"T sweep (decode {DECODE_SWEEP}, prefill {PREFILL_SWEEP}) and the "
@@ -94,13 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hidden", type=int, default=None, help="override the preset's H")
     p.add_argument("--num-experts", type=int, default=None, help="override the preset's E")
     p.add_argument("--topk", type=int, default=None, help="override the preset's K")
-    p.add_argument("--iters", type=int, default=None,
+    p.add_argument("--iters", type=_at_least(1), default=None,
                    help="timed calls per case (default GPU: 200 decode / 30 prefill; "
                         "CPU: 10 / 1)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed calls per case")
+    p.add_argument("--warmup", type=_at_least(0), default=None, help="untimed calls per case")
     p.add_argument("--no-graphs", action="store_true", help="decode: eager calls only")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--nvlink-mib", type=int, default=256,
+    p.add_argument("--nvlink-mib", type=_at_least(1), default=256,
                    help="MiB each GPU writes to each peer when measuring link bandwidth")
     p.add_argument("--out", type=Path, default=Path("bench_out"),
                    help="directory for bench.json and bench.png")
@@ -179,8 +188,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     nprocs = args.nprocs or default_nprocs()
     if on_gpu and nprocs > torch.cuda.device_count():
         raise SystemExit(f"--nprocs {nprocs}: only {torch.cuda.device_count()} GPUs visible")
-    if nprocs < 1:
-        raise SystemExit(f"--nprocs must be >= 1, got {nprocs}")
     cfg = make_config(args, on_gpu)
     backend = default_backend()
     print(f"moe_plugin bench: {nprocs} ranks ({backend}), transports {', '.join(cfg.transports)}, "

@@ -209,7 +209,7 @@ def compare_results(a: DispatchResult, b: DispatchResult, what: str) -> list[str
 
 
 def against_torch(bundled: Transport, ref: Transport, inp: Inputs, what: str, *,
-                  slot: int = 0, hooks: bool = False) -> list[str]:
+                  slot: int = 0, hooks: bool = False, cpu_sync: bool = False) -> list[str]:
     """One dispatch + combine on both transports, compared bit for bit, and combine against
     the dense sum."""
     rank = dist.get_rank()
@@ -217,8 +217,8 @@ def against_torch(bundled: Transport, ref: Transport, inp: Inputs, what: str, *,
     errors = []
     results = []
     for t in (bundled, ref):
-        got = t.dispatch(x, idx, w, x_scales=scales, expand=False, cpu_sync=False, slot=slot,
-                         return_recv_hook=hooks and t is bundled)
+        got = t.dispatch(x, idx, w, x_scales=scales, expand=False, cpu_sync=cpu_sync,
+                         slot=slot, return_recv_hook=hooks and t is bundled)
         results.append(got() if callable(got) else got)
     errors += compare_results(results[0], results[1], what)
     outs = []
@@ -325,7 +325,8 @@ def scenario_slots_and_hooks(world: int) -> list[str]:
             if bad:
                 errors.append(f"iter {it} slot {slot}: combine off in {bad} elements")
         # cpu_sync=True takes the same path.
-        errors += against_torch(bundled, ref, inps[0], f"iter {it} plain", slot=it % 2)
+        errors += against_torch(bundled, ref, inps[0], f"iter {it} plain", slot=it % 2,
+                                cpu_sync=True)
     bundled.check()
     bundled.destroy()
     ref.destroy()

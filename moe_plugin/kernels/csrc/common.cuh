@@ -166,20 +166,22 @@ __device__ __forceinline__ void st_v4(int4* p, int4 v) {
                : "memory");
 }
 
-// Copy `n16` 16-byte words from src to dst by the `nthreads` threads of a group, thread
-// `lane` of it; UNROLL loads are issued before their stores to keep many in flight.
-template <int UNROLL>
-__device__ __forceinline__ void copy_v4(int4* dst, const int4* src, int n16, int lane,
-                                        int nthreads) {
-  int i = lane;
-  for (; i + (UNROLL - 1) * nthreads < n16; i += UNROLL * nthreads) {
-    int4 v[UNROLL];
+// A warp moves rows in segments of 32*N 16-byte words: lane l holds words l, l+32, ...
+// (those below n16). Loads are all issued before any store, to keep them in flight.
+template <int N>
+__device__ __forceinline__ void load_segment(int4 (&v)[N], const int4* src, int n16,
+                                             int lane) {
 #pragma unroll
-    for (int u = 0; u < UNROLL; ++u) v[u] = ld_nc_v4(src + i + u * nthreads);
+  for (int u = 0; u < N; ++u)
+    if (lane + 32 * u < n16) v[u] = ld_nc_v4(src + lane + 32 * u);
+}
+
+template <int N>
+__device__ __forceinline__ void store_segment(int4* dst, const int4 (&v)[N], int n16,
+                                              int lane) {
 #pragma unroll
-    for (int u = 0; u < UNROLL; ++u) st_v4(dst + i + u * nthreads, v[u]);
-  }
-  for (; i < n16; i += nthreads) st_v4(dst + i, ld_nc_v4(src + i));
+  for (int u = 0; u < N; ++u)
+    if (lane + 32 * u < n16) st_v4(dst + lane + 32 * u, v[u]);
 }
 
 __device__ __forceinline__ int warp_sum(int v) {

@@ -184,11 +184,84 @@ __device__ __forceinline__ unsigned wait_all_flags(const Params& p, long long fl
   return arrived;
 }
 
+// The ranks (bitmask) owning token t's valid choices; counts ids outside [-1, E).
+__device__ __forceinline__ unsigned token_ranks(const Params& p, int t, bool vec,
+                                                long long& dropped) {
+  const Dims& d = p.dims;
+  const long long* ids = p.topk_idx + (long long)t * d.K;
+  unsigned mask = 0;
+  auto take = [&](long long id) {
+    if (id >= 0 && id < d.E)
+      mask |= 1u << (int)(id / d.L);
+    else if (id != -1)
+      ++dropped;
+  };
+  if (vec) {  // K even and 16-byte aligned rows: two ids per load
+    for (int k = 0; k < d.K; k += 2) {
+      const longlong2 v = *reinterpret_cast<const longlong2*>(ids + k);
+      take(v.x);
+      take(v.y);
+    }
+  } else {
+    for (int k = 0; k < d.K; ++k) take(ids[k]);
+  }
+  return mask;
+}
+
+// pos[t*R + r] = row of token t among this rank's tokens bound for rank r (source-token
+// order), else -1; totals[r] = tokens bound for r. One token per thread per pass of
+// kThreads tokens: warp ballots give the rank within the warp, warp 0 scans the warps.
+__device__ __forceinline__ void routing_table(const Params& p, int* pos, int* totals,
+                                              int (*warp_base)[kMaxRanks]) {
+  const int R = p.dims.R, T = p.T, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const bool vec = p.dims.K % 2 == 0 && reinterpret_cast<uintptr_t>(p.topk_idx) % 16 == 0;
+  if (tid < kMaxRanks) totals[tid] = 0;
+  long long dropped = 0;
+  for (int t0 = 0; t0 < T; t0 += kThreads) {
+    const int t = t0 + tid;
+    const unsigned mask = t < T ? token_ranks(p, t, vec, dropped) : 0u;
+    const unsigned below = (1u << lane) - 1;
+    unsigned ballots[kMaxRanks];
+#pragma unroll
+    for (int r = 0; r < kMaxRanks; ++r) {
+      ballots[r] = __ballot_sync(0xffffffffu, (mask >> r) & 1);
+      if (lane == 0) warp_base[warp][r] = __popc(ballots[r]);
+    }
+    __syncthreads();
+    if (warp == 0) {  // exclusive scan over the warps, one rank per loop step
+      for (int r = 0; r < R; ++r) {
+        const int c = lane < kWarps ? warp_base[lane][r] : 0;
+        int incl = c;
+#pragma unroll
+        for (int o = 1; o < kWarps; o <<= 1) {
+          const int v = __shfl_up_sync(0xffffffffu, incl, o);
+          if (lane >= o) incl += v;
+        }
+        if (lane < kWarps) warp_base[lane][r] = totals[r] + incl - c;
+        const int sum = __shfl_sync(0xffffffffu, incl, kWarps - 1);
+        __syncwarp();
+        if (lane == 0) totals[r] += sum;
+      }
+    }
+    __syncthreads();
+    if (t < T) {
+#pragma unroll
+      for (int r = 0; r < kMaxRanks; ++r)
+        if (r < R)
+          pos[t * R + r] = (mask >> r) & 1
+                               ? warp_base[warp][r] + __popc(ballots[r] & below)
+                               : -1;
+    }
+    __syncthreads();  // warp_base is reused by the next pass
+  }
+  if (blockIdx.x == 0 && dropped) atomicAdd(p.dropped, (unsigned long long)dropped);
+}
+
 __global__ void __launch_bounds__(kThreads, 2) decode_dispatch_kernel(const Params p) {
   extern __shared__ int smem[];
   __shared__ char* peers[kMaxRanks];
   __shared__ int totals[kMaxRanks];
-  __shared__ int warp_counts[kWarps][kMaxRanks];
+  __shared__ int warp_base[kWarps][kMaxRanks];
   const Dims& d = p.dims;
   const int R = d.R, T = p.T, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   SlotCounters* counters = counters_of(p);
@@ -196,94 +269,43 @@ __global__ void __launch_bounds__(kThreads, 2) decode_dispatch_kernel(const Para
   if (tid < kMaxRanks) peers[tid] = tid < R ? p.peers[tid] : nullptr;
 
   if (p.phases & kPhaseSend) {
-    // Routing table, computed by every block: pos[t*R + r] = row of token t among this
-    // rank's tokens bound for r, or -1. Ranks of each token first, from coalesced loads.
-    unsigned* mask = reinterpret_cast<unsigned*>(smem);
-    int* pos = smem + d.Tmax;
-    for (int t = tid; t < T; t += kThreads) mask[t] = 0;
-    __syncthreads();
-    long long dropped = 0;
-    for (int j = tid; j < T * d.K; j += kThreads) {
-      const long long id = p.topk_idx[j];
-      if (id >= 0 && id < d.E)
-        atomicOr(&mask[j / d.K], 1u << (int)(id / d.L));
-      else if (id != -1)
-        ++dropped;
-    }
-    if (blockIdx.x == 0 && dropped) atomicAdd(p.dropped, (unsigned long long)dropped);
-    __syncthreads();
-    // Each thread owns a contiguous run of tokens.
-    const int per_thread = (T + kThreads - 1) / kThreads;
-    const int t0 = min(T, tid * per_thread), t1 = min(T, t0 + per_thread);
-    int count[kMaxRanks];
-#pragma unroll
-    for (int r = 0; r < kMaxRanks; ++r) count[r] = 0;
-    for (int t = t0; t < t1; ++t) {
-      const unsigned m = mask[t];
-#pragma unroll
-      for (int r = 0; r < kMaxRanks; ++r) {
-        if (r < R) {
-          pos[t * R + r] = (m >> r) & 1 ? count[r] : -1;
-          count[r] += (m >> r) & 1;
-        }
-      }
-    }
-    // Exclusive scan of the per-thread counts: within the warp, then over warps.
-#pragma unroll
-    for (int r = 0; r < kMaxRanks; ++r) {
-      int incl = count[r];
-#pragma unroll
-      for (int o = 1; o < 32; o <<= 1) {
-        const int v = __shfl_up_sync(0xffffffffu, incl, o);
-        if (lane >= o) incl += v;
-      }
-      if (lane == 31) warp_counts[warp][r] = incl;
-      count[r] = incl - count[r];
-    }
-    __syncthreads();
-    if (tid < R) {
-      int run = 0;
-      for (int w = 0; w < kWarps; ++w) {
-        const int c = warp_counts[w][tid];
-        warp_counts[w][tid] = run;
-        run += c;
-      }
-      totals[tid] = run;
-    }
-    __syncthreads();
-#pragma unroll
-    for (int r = 0; r < kMaxRanks; ++r) {
-      if (r < R) {
-        const int base = count[r] + warp_counts[warp][r];
-        for (int t = t0; t < t1; ++t)
-          if (pos[t * R + r] >= 0) pos[t * R + r] += base;
-      }
-    }
-    __syncthreads();
-    if (blockIdx.x == 0) {
-      int* pos_out = reinterpret_cast<int*>(p.local_state + p.off.pos);
-      for (int j = tid; j < T * R; j += kThreads) pos_out[j] = pos[j];
-    }
-
-    // Copies: one warp per (token, destination, 2 KB segment) work item.
+    // Copies: one warp per (token, destination, segment) work item. Each warp loads its
+    // first segment before the routing table is built, so the loads overlap it.
     const int row16 = (int)(d.row_bytes / 16);
     const int nseg = (row16 + kSegment16 - 1) / kSegment16;
     const int pairs = T * R;
     const long long items = (long long)pairs * nseg;
     const int me = d.rank;
-    for (long long item = (long long)blockIdx.x * kWarps + warp; item < items;
-         item += (long long)gridDim.x * kWarps) {
+    const long long first = (long long)blockIdx.x * kWarps + warp;
+    int4 v[kUnroll];
+    if (first < items) {
+      const int start = (int)(first / pairs) * kSegment16;
+      load_segment(v, reinterpret_cast<const int4*>(
+                          p.x + (long long)((int)(first % pairs) / R) * d.row_bytes) + start,
+                   row16 - start, lane);
+    }
+    // Routing table, computed by every block: pos[t*R + r] = row of token t among this
+    // rank's tokens bound for r, or -1.
+    int* pos = smem;
+    routing_table(p, pos, totals, warp_base);
+    if (blockIdx.x == 0) {
+      int* pos_out = reinterpret_cast<int*>(p.local_state + p.off.pos);
+      for (int j = tid; j < T * R; j += kThreads) pos_out[j] = pos[j];
+    }
+    for (long long item = first; item < items; item += (long long)gridDim.x * kWarps) {
       const int pair = (int)(item % pairs), seg = (int)(item / pairs);
       const int t = pair / R, r = pair % R;
+      const int start = seg * kSegment16;
       const int i = pos[pair];
       if (i < 0) continue;
+      if (item != first)
+        load_segment(v, reinterpret_cast<const int4*>(p.x + (long long)t * d.row_bytes) + start,
+                     row16 - start, lane);
       const long long row = (long long)me * d.Tmax + i;
       char* dst_base = peers[r];
-      const int start = seg * kSegment16;
-      copy_v4<kUnroll>(reinterpret_cast<int4*>(dst_base + p.off.recv_x + row * d.row_bytes) +
-                           start,
-                       reinterpret_cast<const int4*>(p.x + (long long)t * d.row_bytes) + start,
-                       min(kSegment16, row16 - start), lane, 32);
+      store_segment(reinterpret_cast<int4*>(dst_base + p.off.recv_x + row * d.row_bytes) +
+                        start,
+                    v, row16 - start, lane);
       if (seg == 0) {
         if (lane < d.K) {
           const long long id = p.topk_idx[(long long)t * d.K + lane];
@@ -383,10 +405,11 @@ __global__ void __launch_bounds__(kThreads, R < 8 ? 2 : 1) decode_combine_kernel
       const int start = seg * kSegment16;
       const long long dst_row = (long long)d.rank * d.Tmax + i;
       const long long src_row = (long long)s * d.Tmax + i;
-      copy_v4<kUnroll>(
-          reinterpret_cast<int4*>(peers[s] + p.off.comb + dst_row * row_bytes) + start,
-          reinterpret_cast<const int4*>(p.y + src_row * row_bytes) + start,
-          min(kSegment16, h16 - start), lane, 32);
+      int4 v[kUnroll];
+      load_segment(v, reinterpret_cast<const int4*>(p.y + src_row * row_bytes) + start,
+                   h16 - start, lane);
+      store_segment(reinterpret_cast<int4*>(peers[s] + p.off.comb + dst_row * row_bytes) + start,
+                    v, h16 - start, lane);
     }
     signal_peers(p, peers, p.off.combine_flags);
     advance_seq(&counters->combine_arrivals, &counters->combine_seq, seq);
@@ -506,7 +529,7 @@ MOE_EXPORT int moe_decode_plan_create(void** plan_out, long long device, long lo
       dropped == nullptr || err == nullptr || timeout_ns <= 0 || grid < R)
     return MOE_STATUS_INVALID_ARGUMENT;
   MOE_TRY(cudaSetDevice((int)device));
-  const size_t smem = sizeof(int) * (size_t)Tmax * (size_t)(R + 1);  // mask + pos
+  const size_t smem = sizeof(int) * (size_t)Tmax * (size_t)R;  // the routing table
   int max_optin = 0;
   MOE_TRY(cudaDeviceGetAttribute(&max_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin,
                                  (int)device));

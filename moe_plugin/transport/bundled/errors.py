@@ -11,7 +11,6 @@ PHASE_NAMES = {
     3: "prefill layout",
     4: "prefill dispatch",
     5: "prefill combine",
-    6: "barrier",
 }
 """MOE_PHASE_* codes of csrc/common.cuh."""
 

@@ -10,9 +10,10 @@
 // buffer and signals s the same way; the source sums a token's rows in fp32, in rank order.
 //
 // Sequence numbers live in device memory and are advanced by the kernels, so a captured
-// CUDA graph replays correctly. Every rank launches the same number of sending blocks. Buffers are double-buffered by call parity (chosen on the
-// host per slot): a rank is at most one call ahead of any peer, so it never writes into a
-// buffer its owner may still read.
+// CUDA graph replays correctly. Every rank launches the same number of sending blocks.
+// Buffers are double-buffered by call parity (chosen on the host per slot): a rank is at
+// most one call ahead of any peer, so it never writes into a buffer its owner may still
+// read (see transport/bundled/decode.py for what that asks of callers under CUDA graphs).
 #include <cuda_bf16.h>
 
 #include "common.cuh"
@@ -377,7 +378,8 @@ __device__ __forceinline__ int4 pack_bf16x8(const float* acc) {
 
 // R is a template argument so the reduction keeps exactly R rows in registers.
 template <int R>
-__global__ void __launch_bounds__(kThreads, R < 8 ? 2 : 1) decode_combine_kernel(const Params p) {
+__global__ void __launch_bounds__(kThreads, R < 8 ? 2 : 1)
+    decode_combine_kernel(const Params p) {
   __shared__ char* peers[kMaxRanks];
   const Dims& d = p.dims;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;

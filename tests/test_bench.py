@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from moe_plugin.bench import main
-from moe_plugin.bench.config import PRESETS, BenchConfig, Iterations, Preset
+from moe_plugin.bench.config import PRESETS, BenchConfig, Iterations, Preset, graph_iterations
+from moe_plugin.bench.digest import count_tests, format_digest
 from moe_plugin.bench.inputs import Traffic, dequantize, quantize_fp8, routing, row_bytes
-from moe_plugin.bench.report import result_rows
+from moe_plugin.bench.report import format_summary, format_tables, result_rows, write_json
 
 TINY = ["--hidden", "256", "--num-experts", "8", "--topk", "3"]
 
@@ -30,6 +31,8 @@ def test_cpu_run_writes_table_json_and_plot(tmp_path: Path,
     for mode in ("decode", "prefill"):
         assert f"== torch | deepseek-v3[H256,E8,K3] | {mode} | 2 ranks" in printed
     assert "x floor" in printed and "dispatch" in printed and "combine" in printed
+    # The decode columns are there on the CPU too; CUDA graphs are GPU-only.
+    assert "eager us  graph-1 us  graph-16 us/op" in printed
 
     report = json.loads((out / "bench.json").read_text())
     assert report["machine"]["world_size"] == 2 and report["machine"]["torch"]
@@ -45,6 +48,7 @@ def test_cpu_run_writes_table_json_and_plot(tmp_path: Path,
         assert r["eager_us"] == pytest.approx(max(sorted(s)[1] for s in r["eager_samples_us"]),
                                               abs=1e-3)
         assert r["time_us"] > 0 and r["gbps"] > 0
+        assert r["time_kind"] == "eager" and r["time_us"] == r["eager_us"]
         assert (r["hidden"], r["num_experts"], r["num_topk"]) == (256, 8, 3)
     if not torch.cuda.is_available():
         bundled = [r for r in rows if r["transport"] == "bundled"]
@@ -56,6 +60,9 @@ def test_cpu_run_writes_table_json_and_plot(tmp_path: Path,
     assert main(["--summary-from", str(out / "bench.json")]) == 0
     summary = capsys.readouterr().out
     assert "torch" in summary and "prefill" in summary and "link write bandwidth" in summary
+    assert main(["--summary-from", str(out / "bench.json"), "--digest"]) == 0
+    digest = capsys.readouterr().out
+    assert "GPU tests: not run" in digest and "decode deepseek-v3[H256,E8,K3] T=1" in digest
 
 
 def test_traffic_counts_match_a_direct_count() -> None:
@@ -90,8 +97,8 @@ def test_rows_take_the_slowest_rank_and_the_link_floor() -> None:
     cfg = BenchConfig(presets=(preset,), modes=("prefill",), transports=("torch",),
                       dtypes=("bf16",), tokens={"prefill": (4,)},
                       headline_tokens={"prefill": 4}, num_sms=(24,), headline_num_sms=24,
-                      iterations={"prefill": Iterations(3, 0)}, graphs=False, seed=0,
-                      nvlink_mib=1)
+                      iterations={"prefill": Iterations(3, 0)}, graphs=False, graph_ops=16,
+                      seed=0, nvlink_mib=1)
     # Rank 0: 10 rows received, 6 out / 4 in remote; rank 1: 6 received, 2 out / 5 in.
     records = [
         {"status": "ok", "received_rows": [4, 6], "remote_rows": [6, 4],
@@ -110,3 +117,79 @@ def test_rows_take_the_slowest_rank_and_the_link_floor() -> None:
     floor_s = max(6 * width / 100e9, 5 * width / 50e9)
     assert dispatch["floor_us"] == pytest.approx(floor_s * 1e6)
     assert dispatch["vs_floor"] == pytest.approx(40e-6 / floor_s)
+
+
+def test_graph_replays_cover_the_calls_and_at_least_50() -> None:
+    assert graph_iterations(Iterations(200, 20), 16) == Iterations(50, 2)
+    assert graph_iterations(Iterations(2000, 0), 16) == Iterations(125, 0)
+    # Fewer timed calls asked for than 50: that many replays (each holds `ops` calls).
+    assert graph_iterations(Iterations(20, 3), 16) == Iterations(20, 1)
+    assert graph_iterations(Iterations(200, 20), 1) == Iterations(200, 20)
+
+
+def _synthetic_run(tmp_path: Path) -> tuple[BenchConfig, list[dict], dict]:
+    """Two ranks' records for bundled and torch: decode at T 1, 8, 16 with eager, graph-1
+    and graph-4 (per call) samples; prefill at T 16, bundled at three SM budgets."""
+    preset = Preset("p", hidden=256, num_experts=8, num_topk=2)
+    cfg = BenchConfig(presets=(preset,), modes=("decode", "prefill"),
+                      transports=("bundled", "torch"), dtypes=("bf16",),
+                      tokens={"decode": (1, 8, 16), "prefill": (16,)},
+                      headline_tokens={"decode": 8, "prefill": 16}, num_sms=(8, 24, "all"),
+                      headline_num_sms=24,
+                      iterations={"decode": Iterations(3, 0), "prefill": Iterations(3, 0)},
+                      graphs=True, graph_ops=4, seed=0, nvlink_mib=1)
+    per_rank = []
+    for rank in range(2):
+        records = []
+        for i, case in enumerate(cfg.cases()):
+            # torch 10x slower; rank 1 slower; graphs faster than eager.
+            base = (1 + i) * (10.0 if case.transport == "torch" else 1.0) * (1 + rank)
+            rec = {"status": "ok", "received_rows": [2, 3], "remote_rows": [3, 2],
+                   "eager": {"dispatch": [3 * base] * 3, "combine": [3.5 * base] * 3}}
+            if case.mode == "decode":
+                rec["graph"] = {"dispatch": [2 * base] * 3, "combine": [2.5 * base] * 3}
+                rec["graph_n"] = {"dispatch": [base, base, 9 * base],
+                                  "combine": [1.5 * base] * 3}
+            records.append(rec)
+        per_rank.append({"link": {"best_gbps": 100.0, "sm_gbps": 90.0,
+                                  "copy_engine_gbps": 100.0}, "cases": records,
+                         "sm_count": 132})
+    rows = result_rows(cfg, per_rank)
+    machine = {"gpu_name": "GPU", "world_size": 2, "backend": "nccl", "torch": "x",
+               "date": "today"}
+    return cfg, rows, write_json(tmp_path / "bench.json", cfg, machine, per_rank, rows)
+
+
+def test_decode_rows_carry_eager_graph_1_and_graph_n(tmp_path: Path) -> None:
+    cfg, rows, report = _synthetic_run(tmp_path)
+    decode = [r for r in rows if r["mode"] == "decode"]
+    assert len(decode) == 2 * 3 * 2
+    first = decode[0]  # bundled T=1 dispatch, case 0: rank 1 (base 2) is the slower one
+    assert (first["eager_us"], first["graph_us"], first["graph_n_us"]) == (6.0, 4.0, 2.0)
+    assert first["graph_ops"] == 4 and first["time_kind"] == "graph_n"
+    assert first["time_us"] == first["graph_n_us"]
+    assert first["graph_n_samples_us"] == [[1.0, 1.0, 9.0], [2.0, 2.0, 18.0]]
+    prefill = [r for r in rows if r["mode"] == "prefill"]
+    assert all(r["time_kind"] == "eager" and "graph_us" not in r and "graph_n_us" not in r
+               for r in prefill)
+
+    table = format_tables(rows, 2, "nccl", cfg.graph_ops)
+    assert "graph-1 us" in table and "graph-4 us/op" in table and "eager us" in table
+    assert "graph 1 op/replay" in table and "graph 4 ops/replay (per op)" in table
+    line = next(ln for ln in table.splitlines() if ln.split()[:3] == ["bf16", "1", "dispatch"])
+    assert line.split()[3:6] == ["6.0", "4.0", "2.0"]
+
+    summary = format_summary(report)
+    assert "graph 4 ops/replay (per op)" in summary and "graph-1 us" in summary
+
+    digest = format_digest([report], "3 passed, 1 failed, 1 error, 7 deselected in 9.0s")
+    assert digest.rstrip().splitlines()[-1].split()[0] == "combine"  # the table comes last
+    assert "GPU tests: passed 3, failed 1, error 1, skipped 0" in digest
+    # Decode T=8 is case 1 (bundled, base 4 on rank 1) and case 4 (torch, base 100).
+    line = next(ln for ln in digest.splitlines() if ln.strip().startswith("dispatch bf16"))
+    assert line.split() == ["dispatch", "bf16", "12.0", "/", "8.0", "/", "4.0",
+                            "300.0", "/", "200.0", "/", "100.0", "25.00"]
+    assert "bundled sms=all(132)" in digest and "decode sweep p bf16" in digest
+    assert "prefill sweep p T=16 bf16" in digest
+    assert count_tests(None) == "not run"
+    assert count_tests("Timeout") == "no pytest summary (Timeout)"

@@ -23,6 +23,7 @@ from moe_plugin.bench.config import (
     DECODE_TOKENS,
     DEFAULT_NUM_SMS,
     DTYPES,
+    GRAPH_OPS,
     MODES,
     NUM_SMS_SWEEP,
     PREFILL,
@@ -34,6 +35,7 @@ from moe_plugin.bench.config import (
     Preset,
     default_iterations,
 )
+from moe_plugin.bench.digest import format_digest
 from moe_plugin.bench.plot import write_plot
 from moe_plugin.bench.report import format_summary, format_tables, result_rows, write_json
 from moe_plugin.bench.worker import bench_worker
@@ -105,17 +107,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--topk", type=int, default=None, help="override the preset's K")
     p.add_argument("--iters", type=_at_least(1), default=None,
                    help="timed calls per case (default GPU: 200 decode / 30 prefill; "
-                        "CPU: 10 / 1)")
+                        "CPU: 10 / 1); a graph of --graph-ops calls is replayed enough "
+                        "times for as many calls, and at least min(ITERS, 50) times")
     p.add_argument("--warmup", type=_at_least(0), default=None, help="untimed calls per case")
     p.add_argument("--no-graphs", action="store_true", help="decode: eager calls only")
+    p.add_argument("--graph-ops", type=_at_least(2), default=GRAPH_OPS,
+                   help="decode: calls captured back to back in one CUDA graph for the "
+                        f"launch-amortized per-op time (default {GRAPH_OPS}; a graph of one "
+                        "call is timed as well)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--nvlink-mib", type=_at_least(1), default=256,
                    help="MiB each GPU writes to each peer when measuring link bandwidth")
     p.add_argument("--out", type=Path, default=Path("bench_out"),
                    help="directory for bench.json and bench.png")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds for the whole run")
-    p.add_argument("--summary-from", type=Path, default=None, metavar="JSON",
-                   help="print the summary of an earlier run's bench.json and exit")
+    p.add_argument("--summary-from", type=Path, nargs="+", default=None, metavar="JSON",
+                   help="print the summary of earlier runs' bench.json files and exit")
+    p.add_argument("--digest", action="store_true",
+                   help="with --summary-from: the sweeps, then one compact table (headline "
+                        "T, transports side by side) over all the files given")
+    p.add_argument("--tests-summary", default=None, metavar="TEXT",
+                   help="with --digest: pytest's last line, for the GPU test counts")
     return p
 
 
@@ -154,6 +166,7 @@ def make_config(args: argparse.Namespace, on_gpu: bool) -> BenchConfig:
         headline_num_sms=DEFAULT_NUM_SMS if DEFAULT_NUM_SMS in num_sms else num_sms[0],
         iterations=iterations,
         graphs=not args.no_graphs,
+        graph_ops=args.graph_ops,
         seed=args.seed,
         nvlink_mib=args.nvlink_mib,
     )
@@ -180,7 +193,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     timed, 1 otherwise (unavailable transports are reported, not failures)."""
     args = build_parser().parse_args(argv)
     if args.summary_from is not None:
-        print(format_summary(json.loads(args.summary_from.read_text())))
+        reports = [json.loads(path.read_text()) for path in args.summary_from]
+        if args.digest:
+            print(format_digest(reports, args.tests_summary))
+        else:
+            print("\n\n".join(format_summary(report) for report in reports))
         return 0
     for key, value in NO_MULTICAST_ENV.items():
         os.environ.setdefault(key, value)
@@ -198,7 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     report = write_json(args.out / "bench.json", cfg, machine, per_rank, rows)
     write_plot(args.out / "bench.png", report)
-    print(format_tables(rows, nprocs, backend))
+    print(format_tables(rows, nprocs, backend, cfg.graph_ops))
     print()
     print(format_summary(report))
     print(f"\nwrote {args.out / 'bench.json'} and {args.out / 'bench.png'}")

@@ -16,6 +16,9 @@ PREFILL_SWEEP = (256, 512, 1024, 2048, 4096)
 DEFAULT_NUM_SMS = 24
 NUM_SMS_SWEEP: tuple[int | str, ...] = (8, 16, 24, 32, 64, "all")
 """SM budgets of the bundled prefill kernels; "all" is every SM of the device."""
+GRAPH_OPS = 16
+"""Decode: calls captured back to back in one CUDA graph for the amortized timing."""
+MIN_GRAPH_REPLAYS = 50
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +57,14 @@ def default_iterations(mode: str, on_gpu: bool) -> Iterations:
     return Iterations(10, 1) if mode == DECODE else Iterations(1, 0)
 
 
+def graph_iterations(iters: Iterations, ops: int) -> Iterations:
+    """Replays of a CUDA graph holding `ops` calls, for `iters` calls per case: at least
+    `MIN_GRAPH_REPLAYS` (or `iters.timed` when that is fewer), and at least `iters.timed`
+    calls in all; warm-up calls rounded up to whole replays."""
+    return Iterations(max(-(-iters.timed // ops), min(iters.timed, MIN_GRAPH_REPLAYS)),
+                      -(-iters.warmup // ops))
+
+
 @dataclasses.dataclass(frozen=True)
 class Case:
     """One measured configuration; every rank runs the same cases in the same order."""
@@ -89,6 +100,8 @@ class BenchConfig:
     """The bundled SM budget of the summary and of the vs-T plots."""
     iterations: dict[str, Iterations]
     graphs: bool
+    """Decode on the GPU: also time CUDA-graph replays (1 call, and `graph_ops` calls each)."""
+    graph_ops: int
     seed: int
     nvlink_mib: int
 

@@ -12,6 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
 
 from moe_plugin.bench.config import COMBINE, DECODE, DISPATCH, PREFILL  # noqa: E402
+from moe_plugin.bench.report import time_label  # noqa: E402
 
 
 def _lines(rows: list[dict[str, Any]], x_key: str, y_key: str
@@ -25,6 +26,13 @@ def _lines(rows: list[dict[str, Any]], x_key: str, y_key: str
             f"{r['transport']} {r['op']}"
         series.setdefault(name, []).append((r[x_key], r[y_key]))
     return {k: tuple(map(list, zip(*sorted(v), strict=True))) for k, v in series.items()}
+
+
+def _timed_as(rows: list[dict[str, Any]]) -> str:
+    """How the rows' headline times were measured (report.time_label), or "-" if none."""
+    kinds = dict.fromkeys(time_label(r.get("time_kind", "eager"), r.get("graph_ops"))
+                          for r in rows)
+    return ", ".join(kinds) or "-"
 
 
 def write_plot(path: Path, report: dict[str, Any]) -> None:
@@ -42,7 +50,7 @@ def write_plot(path: Path, report: dict[str, Any]) -> None:
         at_tokens = [r for r in prefill if r["num_sms_label"] is not None
                      and r["tokens"] == cfg["headline_tokens"][PREFILL]]
         panels = [
-            (decode, "tokens", "time_us", "decode latency (us) vs T", True),
+            (decode, "tokens", "time_us", f"decode us per op vs T ({_timed_as(decode)})", True),
             (at_budget, "tokens", "gbps", "prefill GB/s vs T "
              f"(bundled at sms={cfg['headline_num_sms']})", True),
             (at_tokens, "num_sms", "gbps", "bundled prefill GB/s vs SMs "

@@ -1,5 +1,6 @@
 """Per-call timing of dispatch / combine pairs on one rank: CUDA events on the GPU
-(eager calls or CUDA-graph replays), wall clock after a barrier on the CPU."""
+(eager calls or CUDA-graph replays of one or several calls), wall clock after a barrier
+on the CPU."""
 
 from __future__ import annotations
 
@@ -61,18 +62,39 @@ def _time_on_cpu(dispatch: DispatchFn, combine: CombineFn, n: int
     return d_us, c_us
 
 
-def capture_graphs(dispatch: DispatchFn, combine: CombineFn) -> tuple[DispatchFn, CombineFn]:
-    """Capture `dispatch()` in one CUDA graph and `combine(its result)` in another; return
-    their replay functions in `time_pairs`' form (they keep the graphs alive). Collective;
-    the eager calls must have been warmed up already."""
+def capture_graphs(dispatch: DispatchFn, combine: CombineFn, ops: int = 1
+                   ) -> tuple[DispatchFn, CombineFn]:
+    """Capture `ops` consecutive `dispatch()` calls in one CUDA graph and `ops` consecutive
+    `combine(last dispatch's result)` calls in another; return their replay functions in
+    `time_pairs`' form (they keep the graphs alive; each replay runs `ops` calls).
+    Collective; the eager calls must have been warmed up already."""
+    if ops < 1:
+        raise ValueError(f"ops must be >= 1, got {ops}")
+
+    def dispatches() -> Any:
+        result = None
+        for _ in range(ops):
+            result = dispatch()
+        return result
+
+    def combines(result: Any) -> None:
+        for _ in range(ops):
+            combine(result)
+
+    # The captured sequence once eagerly, on a side stream, as torch asks before a capture;
+    # it also raises here, outside the capture, if the transport rejects the sequence.
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        combines(dispatches())
+    torch.cuda.current_stream().wait_stream(side)
     g_dispatch, g_combine = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
     torch.cuda.synchronize()
     # thread_local: the process group's watchdog thread may query events during capture.
     with torch.cuda.graph(g_dispatch, capture_error_mode="thread_local"):
-        result = dispatch()
+        result = dispatches()
     g_dispatch.replay()
     with torch.cuda.graph(g_combine, capture_error_mode="thread_local"):
-        combine(result)
+        combines(result)
     torch.cuda.synchronize()
     return g_dispatch.replay, lambda _: g_combine.replay()
-

@@ -17,9 +17,18 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from moe_plugin.bench.check import round_trip_error
-from moe_plugin.bench.config import COMBINE, DECODE, DISPATCH, PREFILL, BenchConfig, Case
+from moe_plugin.bench.config import (
+    COMBINE,
+    DECODE,
+    DISPATCH,
+    PREFILL,
+    BenchConfig,
+    Case,
+    Iterations,
+    graph_iterations,
+)
 from moe_plugin.bench.inputs import RankInputs, Traffic, rank_inputs, routing
-from moe_plugin.bench.timing import capture_graphs, time_pairs
+from moe_plugin.bench.timing import CombineFn, DispatchFn, capture_graphs, time_pairs
 from moe_plugin.transport import Transport, TransportSpec, make_transport
 
 PAYLOAD = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
@@ -98,7 +107,9 @@ def _build(case: Case, spec: TransportSpec) -> Transport:
 
 def _time_case(transport: Transport, inputs: RankInputs, received_rows: list[int], case: Case,
                cfg: BenchConfig) -> dict[str, Any]:
-    """{"eager": {dispatch: [us], combine: [us]}, "graph": {...} or "graph_error": str}."""
+    """{"eager": {dispatch: [us], combine: [us]}} and, for decode on the GPU, "graph" (one
+    call per replay) and "graph_n" (`cfg.graph_ops` calls per replay, us per call), each
+    replaced by "<name>_error": str where capture failed."""
     expand = case.mode == PREFILL
 
     def dispatch() -> Any:
@@ -116,14 +127,26 @@ def _time_case(transport: Transport, inputs: RankInputs, received_rows: list[int
     d_us, c_us = time_pairs(dispatch, combine, iters)
     out: dict[str, Any] = {"eager": {DISPATCH: d_us, COMBINE: c_us}}
     if case.mode == DECODE and cfg.graphs and torch.cuda.is_available():
-        err, graphs = _try(lambda: capture_graphs(dispatch, combine))
-        err = _agree(err)
-        if err:
-            out["graph_error"] = err
-        else:
-            d_us, c_us = time_pairs(*graphs, iters)
-            out["graph"] = {DISPATCH: d_us, COMBINE: c_us}
+        for name, ops in (("graph", 1), ("graph_n", cfg.graph_ops)):
+            err, per_call = _time_graphs(dispatch, combine, graph_iterations(iters, ops), ops)
+            if err:
+                out[f"{name}_error"] = err
+            else:
+                out[name] = per_call
     return out
+
+
+def _time_graphs(dispatch: DispatchFn, combine: CombineFn, iters: Iterations, ops: int
+                 ) -> tuple[str | None, dict[str, list[float]] | None]:
+    """(None, {dispatch: [us], combine: [us]} per call: each replay's time / `ops`) for
+    graphs of `ops` calls replayed `iters` times, or (the agreed capture error, None).
+    Collective."""
+    err, graphs = _try(lambda: capture_graphs(dispatch, combine, ops))
+    err = _agree(err)
+    if err:
+        return err, None
+    d_us, c_us = time_pairs(*graphs, iters)
+    return None, {DISPATCH: [v / ops for v in d_us], COMBINE: [v / ops for v in c_us]}
 
 
 def _try(fn: Callable[[], Any]) -> tuple[str | None, Any]:

@@ -95,8 +95,8 @@ def _decode_table(rows: dict[tuple[Any, ...], Row], preset: str, tokens: int,
                  if t in times and BASELINE in times else "-" for t in others]
         body.append(line)
     kinds = " / ".join(time_label(k, graph_ops) for k in TIME_KINDS)
-    return ["", f"decode {preset} T={tokens} per rank, us per op: {kinds}; "
-            f"{', '.join(header[1 + len(transports):]) or 'ratios'}: of the last times",
+    ratios = f"; {', '.join(header[1 + len(transports):])}: of the last" if others else ""
+    return ["", f"decode {preset} T={tokens} per rank, us per op: {kinds}{ratios}",
             *("  " + ln for ln in align_table(header, body))]
 
 

@@ -19,7 +19,7 @@ MIN_SWEEP_POINTS = 3
 
 
 def count_tests(summary: str | None) -> str:
-    """'passed P, failed F, errors E, skipped S' from pytest's last line, or what is known."""
+    """'passed P, failed F, error E, skipped S' from pytest's last line, or what is known."""
     if not summary:
         return "not run"
     counts = {word.rstrip("s"): int(n) for n, word in

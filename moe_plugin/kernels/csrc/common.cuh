@@ -13,7 +13,6 @@
 
 // Status codes above every cudaError_t value.
 #define MOE_STATUS_INVALID_ARGUMENT 100001
-#define MOE_STATUS_TOO_MUCH_SHARED_MEMORY 100002
 
 // Return the status of a CUDA runtime call from the enclosing function if it failed.
 #define MOE_TRY(call)                                   \
@@ -141,13 +140,19 @@ __device__ __forceinline__ void red_add_sys(unsigned long long* p, unsigned long
   asm volatile("red.relaxed.sys.global.add.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
 
-// 16-byte loads and stores. `ld_nc` is for data no thread writes during the kernel; `ld_cg`
+// Loads and 16-byte stores. `ld_nc` is for data no thread writes during the kernel; `ld_cg`
 // (L2 only) for data peers wrote before a flag this thread's block acquired.
 __device__ __forceinline__ int4 ld_nc_v4(const int4* p) {
   int4 v;
   asm volatile("ld.global.nc.L1::no_allocate.v4.s32 {%0, %1, %2, %3}, [%4];"
                : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
                : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ long long ld_nc_s64(const long long* p) {
+  long long v;
+  asm volatile("ld.global.nc.s64 %0, [%1];" : "=l"(v) : "l"(p));
   return v;
 }
 

@@ -3,16 +3,18 @@
 // Dispatch: each sender stores every token once per destination rank d that owns one of its
 // experts, straight into row [me*Tmax + i] of d's receive buffer (i = the token's position
 // among this sender's tokens bound for d), with its local expert ids / weights (and fp8
-// scales), and writes its row count; every sending block then fences and adds 1 to flag
-// (slot, me) at every d, on every call. Receivers wait until their R flags reach
-// seq * blocks (acquire), then mark padding rows.
+// scales), marks the rows of its region at d that its previous call on these buffers filled
+// and this one does not as padding, and writes its row count; every sending block then
+// fences and adds 1 to flag (slot, me) at every d, on every call. The receiver is done once
+// its R flags reach seq * blocks (acquire): it only reads the counts.
 // Combine: rank e stores row [s*Tmax + i] of y into row [e*Tmax + i] of source s's combine
 // buffer and signals s the same way; the source sums a token's rows in fp32, in rank order.
 //
-// Sequence numbers live in device memory and are advanced by the kernels, so a captured
-// CUDA graph replays correctly. Every rank launches the same number of sending blocks.
-// Buffers are double-buffered by call parity (chosen on the host per slot): a rank is at
-// most one call ahead of any peer, so it never writes into a buffer its owner may still
+// Tokens are routed in chunks of kChunk (one per thread), so shared memory does not grow
+// with Tmax. Sequence numbers live in device memory and are advanced by the kernels, so a
+// captured CUDA graph replays correctly. Every rank launches the same number of sending
+// blocks. Buffers are double-buffered by call parity (chosen on the host per slot): a rank is
+// at most one call ahead of any peer, so it never writes into a buffer its owner may still
 // read (see transport/bundled/decode.py for what that asks of callers under CUDA graphs).
 #include <cuda_bf16.h>
 
@@ -25,7 +27,9 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kMaxRanks = 8;
 constexpr int kUnroll = 4;
 constexpr int kSegment16 = 32 * kUnroll;  // 16-byte words one warp moves per work item
-constexpr int kRecvBlocks = 16;  // blocks of a dispatch's receive half
+constexpr int kChunk = kThreads;          // tokens per routing table: one per thread
+constexpr int kIdBatch = 4;               // expert ids a thread loads at once
+constexpr int kMaxTokens = 1 << 24;       // bound on Tmax and H: indices stay in int
 constexpr int kAlign = 256;
 
 constexpr int kPhaseSend = 1;
@@ -51,7 +55,7 @@ struct Offsets {
   long long dispatch_flags, combine_flags;              // u64 [R], per slot
   long long counts, recv_x, recv_scales, recv_idx, recv_w, comb;  // per parity
   long long counters;                                     // local, per slot
-  long long recv_counts, pos;                             // local, per parity
+  long long recv_counts, pos, padded;                     // local, per parity
 };
 
 struct Layout {
@@ -91,6 +95,8 @@ Layout make_layout(const Dims& d) {
       loc = align_up(loc + 4LL * d.R);
       o.pos = loc;
       loc = align_up(loc + 4LL * d.Tmax * d.R);
+      o.padded = loc;
+      loc = align_up(loc + 4LL * d.R);
     }
   }
   l.sym_bytes = sym;
@@ -103,7 +109,6 @@ struct Plan {
   Layout layout;
   int device;
   int grid;
-  size_t smem;
   char* peers[kMaxRanks];
   char* local_state;
   unsigned long long* dropped;
@@ -137,15 +142,14 @@ __device__ __forceinline__ unsigned long long call_seq(const unsigned long long*
          ((phases & kPhaseSend) ? 1 : 0);
 }
 
-// Called by every block of a send half once it has read the sequence number: the last
-// block to arrive stores it as the slot's counter. No fence: the next launch reads it.
-__device__ __forceinline__ void advance_seq(unsigned* arrivals, unsigned long long* counter,
-                                            unsigned long long seq) {
+// Called by every block of a send half once it has read (and used) the slot's local state:
+// true in thread 0 of the last block to arrive, which may then update that state for the
+// next launch (no fence: the next launch reads it). Resets the arrival count.
+__device__ __forceinline__ bool last_to_arrive(unsigned* arrivals) {
   __syncthreads();
-  if (threadIdx.x == 0 && atomicAdd(arrivals, 1u) == gridDim.x - 1) {
-    *arrivals = 0;
-    *counter = seq;
-  }
+  if (threadIdx.x != 0 || atomicAdd(arrivals, 1u) != gridDim.x - 1) return false;
+  *arrivals = 0;
+  return true;
 }
 
 __device__ __forceinline__ SlotCounters* counters_of(const Params& p) {
@@ -185,174 +189,214 @@ __device__ __forceinline__ unsigned wait_all_flags(const Params& p, long long fl
   return arrived;
 }
 
-// The ranks (bitmask) owning token t's valid choices; counts ids outside [-1, E).
-__device__ __forceinline__ unsigned token_ranks(const Params& p, int t, bool vec,
-                                                long long& dropped) {
-  const Dims& d = p.dims;
-  const long long* ids = p.topk_idx + (long long)t * d.K;
-  unsigned mask = 0;
-  auto take = [&](long long id) {
-    if (id >= 0 && id < d.E)
-      mask |= 1u << (int)(id / d.L);
-    else if (id != -1)
-      ++dropped;
-  };
-  if (vec) {  // K even and 16-byte aligned rows: two ids per load
-    for (int k = 0; k < d.K; k += 2) {
-      const longlong2 v = *reinterpret_cast<const longlong2*>(ids + k);
-      take(v.x);
-      take(v.y);
-    }
-  } else {
-    for (int k = 0; k < d.K; ++k) take(ids[k]);
+// This thread's expert ids [j0, j0 + kIdBatch * kThreads) of a chunk of nk ids (-1 past
+// the end), all issued before any is used.
+__device__ __forceinline__ void load_ids(long long (&id)[kIdBatch], const long long* ids,
+                                         int j0, int nk) {
+#pragma unroll
+  for (int u = 0; u < kIdBatch; ++u) {
+    const int j = j0 + u * kThreads + (int)threadIdx.x;
+    id[u] = j < nk ? ld_nc_s64(ids + j) : -1LL;
   }
-  return mask;
 }
 
-// pos[t*R + r] = row of token t among this rank's tokens bound for rank r (source-token
-// order), else -1; totals[r] = tokens bound for r. One token per thread per pass of
-// kThreads tokens: warp ballots give the rank within the warp, warp 0 scans the warps.
-__device__ __forceinline__ void routing_table(const Params& p, int* pos, int* totals,
-                                              int (*warp_base)[kMaxRanks]) {
-  const int R = p.dims.R, T = p.T, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const bool vec = p.dims.K % 2 == 0 && reinterpret_cast<uintptr_t>(p.topk_idx) % 16 == 0;
-  if (tid < kMaxRanks) totals[tid] = 0;
-  long long dropped = 0;
-  for (int t0 = 0; t0 < T; t0 += kThreads) {
-    const int t = t0 + tid;
-    const unsigned mask = t < T ? token_ranks(p, t, vec, dropped) : 0u;
-    const unsigned below = (1u << lane) - 1;
-    unsigned ballots[kMaxRanks];
+// mask[j / K] |= the bit of the rank owning id j, for the ids of load_ids(j0); ids outside
+// [-1, E) are counted in `dropped` instead.
+__device__ __forceinline__ void add_ids(unsigned* mask, const long long (&id)[kIdBatch],
+                                        int j0, const Dims& d, int& dropped) {
 #pragma unroll
-    for (int r = 0; r < kMaxRanks; ++r) {
-      ballots[r] = __ballot_sync(0xffffffffu, (mask >> r) & 1);
-      if (lane == 0) warp_base[warp][r] = __popc(ballots[r]);
+  for (int u = 0; u < kIdBatch; ++u) {
+    const long long v = id[u];
+    if (v >= 0 && v < d.E)
+      atomicOr(mask + (j0 + u * kThreads + (int)threadIdx.x) / d.K, 1u << ((int)v / d.L));
+    else if (v != -1)
+      ++dropped;
+  }
+}
+
+// The routing table of tokens [c0, c0 + n) from their rank masks (mask[t - c0], complete):
+// pos[(t - c0) * R + r] = row of token t among this rank's tokens bound for r (source-token
+// order), else -1; block 0 also writes it to pos_out[t * R + r] for the combine. `running`
+// (lane r < R of every warp) counts the rows bound for r before the chunk and is advanced
+// past it. Warp ballots give a token's place within its warp; each warp adds the counts of
+// the warps before it. Ends with a barrier: the table is complete.
+__device__ __forceinline__ void chunk_rows(int R, int c0, int n, const unsigned* mask,
+                                           int* pos, int* pos_out,
+                                           int (*warp_count)[kMaxRanks], int& running) {
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const unsigned m = tid < n ? mask[tid] : 0u;
+  unsigned ballot[kMaxRanks];
+  int mine = 0;
+#pragma unroll
+  for (int r = 0; r < kMaxRanks; ++r) {
+    ballot[r] = __ballot_sync(0xffffffffu, (m >> r) & 1);
+    if (lane == r) mine = __popc(ballot[r]);
+  }
+  if (lane < R) warp_count[warp][lane] = mine;
+  __syncthreads();
+  int base = 0;  // lane r: rows bound for r before this warp's tokens
+  if (lane < R) {
+    int before = 0, all = 0;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      const int c = warp_count[w][lane];
+      all += c;
+      if (w < warp) before += c;
     }
-    __syncthreads();
-    if (warp == 0) {  // exclusive scan over the warps, one rank per loop step
-      for (int r = 0; r < R; ++r) {
-        const int c = lane < kWarps ? warp_base[lane][r] : 0;
-        int incl = c;
+    base = running + before;
+    running += all;
+  }
+  const unsigned below = (1u << lane) - 1;
 #pragma unroll
-        for (int o = 1; o < kWarps; o <<= 1) {
-          const int v = __shfl_up_sync(0xffffffffu, incl, o);
-          if (lane >= o) incl += v;
-        }
-        if (lane < kWarps) warp_base[lane][r] = totals[r] + incl - c;
-        const int sum = __shfl_sync(0xffffffffu, incl, kWarps - 1);
-        __syncwarp();
-        if (lane == 0) totals[r] += sum;
+  for (int r = 0; r < kMaxRanks; ++r) {
+    if (r < R) {
+      const int b = __shfl_sync(0xffffffffu, base, r);
+      if (tid < n) {
+        const int i = (m >> r) & 1 ? b + __popc(ballot[r] & below) : -1;
+        pos[tid * R + r] = i;
+        if (blockIdx.x == 0) pos_out[(c0 + tid) * R + r] = i;
       }
     }
-    __syncthreads();
-    if (t < T) {
-#pragma unroll
-      for (int r = 0; r < kMaxRanks; ++r)
-        if (r < R)
-          pos[t * R + r] = (mask >> r) & 1
-                               ? warp_base[warp][r] + __popc(ballots[r] & below)
-                               : -1;
-    }
-    __syncthreads();  // warp_base is reused by the next pass
   }
-  if (blockIdx.x == 0 && dropped) atomicAdd(p.dropped, (unsigned long long)dropped);
+  __syncthreads();
 }
 
-__global__ void __launch_bounds__(kThreads, 2) decode_dispatch_kernel(const Params p) {
-  extern __shared__ int smem[];
-  __shared__ char* peers[kMaxRanks];
-  __shared__ int totals[kMaxRanks];
-  __shared__ int warp_base[kWarps][kMaxRanks];
-  const Dims& d = p.dims;
-  const int R = d.R, T = p.T, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  SlotCounters* counters = counters_of(p);
-  const unsigned long long seq = call_seq(&counters->dispatch_seq, p.phases);
-  if (tid < kMaxRanks) peers[tid] = tid < R ? p.peers[tid] : nullptr;
+// Loads segment `item / pairs` of token c0 + (item % pairs) / R's row (a chunk's work item).
+__device__ __forceinline__ void load_item(int4 (&v)[kUnroll], const Params& p, int c0,
+                                          int item, int pairs, int row16, int lane) {
+  const int t = c0 + (item % pairs) / p.dims.R, start = (item / pairs) * kSegment16;
+  load_segment(v, reinterpret_cast<const int4*>(p.x + (long long)t * p.dims.row_bytes) + start,
+               row16 - start, lane);
+}
 
-  if (p.phases & kPhaseSend) {
-    // Copies: one warp per (token, destination, segment) work item. Each warp loads its
-    // first segment before the routing table is built, so the loads overlap it.
-    const int row16 = (int)(d.row_bytes / 16);
-    const int nseg = (row16 + kSegment16 - 1) / kSegment16;
-    const int pairs = T * R;
-    const long long items = (long long)pairs * nseg;
-    const int me = d.rank;
-    const long long first = (long long)blockIdx.x * kWarps + warp;
+// Every token of the call, once per rank owning one of its choices, to row [me*Tmax + i] of
+// that rank's buffers (with its local ids, weights and scales). Tokens go in chunks of
+// kChunk: every block builds each chunk's routing table itself, and the grid's warps share
+// the chunk's (token, rank, segment) items round robin, continuing across chunks. Each warp
+// loads its first item of a chunk before the table is built, so the loads overlap it.
+// Returns, in `running` (lane r < R of every warp), the rows sent to rank r.
+__device__ __forceinline__ int send_tokens(const Params& p, char* const* peers, unsigned* mask,
+                                           int* pos, int (*warp_count)[kMaxRanks]) {
+  const Dims& d = p.dims;
+  const int R = d.R, K = d.K, T = p.T, tid = threadIdx.x, lane = tid & 31;
+  const int row16 = (int)(d.row_bytes / 16);
+  const int nseg = (row16 + kSegment16 - 1) / kSegment16;
+  const int warps = (int)gridDim.x * kWarps;
+  const int gw = (int)blockIdx.x * kWarps + (tid >> 5);
+  int* pos_out = reinterpret_cast<int*>(p.local_state + p.off.pos);
+  int running = 0, dropped = 0;
+  int shift = 0;  // items of the earlier chunks, modulo warps
+  for (int c0 = 0; c0 < T; c0 += kChunk) {
+    const int n = min(kChunk, T - c0), nk = n * K, pairs = n * R, items = pairs * nseg;
+    const long long* ids = p.topk_idx + (long long)c0 * K;
+    long long id[kIdBatch];
+    load_ids(id, ids, 0, nk);
+    const int first = (gw - shift + warps) % warps;
     int4 v[kUnroll];
-    if (first < items) {
-      const int start = (int)(first / pairs) * kSegment16;
-      load_segment(v, reinterpret_cast<const int4*>(
-                          p.x + (long long)((int)(first % pairs) / R) * d.row_bytes) + start,
-                   row16 - start, lane);
+    if (first < items) load_item(v, p, c0, first, pairs, row16, lane);
+    mask[tid] = 0;  // this thread's last read of it was in the previous chunk's table
+    __syncthreads();
+    for (int j0 = 0;;) {
+      add_ids(mask, id, j0, d, dropped);
+      j0 += kIdBatch * kThreads;
+      if (j0 >= nk) break;
+      load_ids(id, ids, j0, nk);
     }
-    // Routing table, computed by every block: pos[t*R + r] = row of token t among this
-    // rank's tokens bound for r, or -1.
-    int* pos = smem;
-    routing_table(p, pos, totals, warp_base);
-    if (blockIdx.x == 0) {
-      int* pos_out = reinterpret_cast<int*>(p.local_state + p.off.pos);
-      for (int j = tid; j < T * R; j += kThreads) pos_out[j] = pos[j];
-    }
-    for (long long item = first; item < items; item += (long long)gridDim.x * kWarps) {
-      const int pair = (int)(item % pairs), seg = (int)(item / pairs);
-      const int t = pair / R, r = pair % R;
-      const int start = seg * kSegment16;
+    __syncthreads();
+    chunk_rows(R, c0, n, mask, pos, pos_out, warp_count, running);
+    for (int item = first; item < items; item += warps) {
+      const int pair = item % pairs, seg = item / pairs;
       const int i = pos[pair];
       if (i < 0) continue;
-      if (item != first)
-        load_segment(v, reinterpret_cast<const int4*>(p.x + (long long)t * d.row_bytes) + start,
-                     row16 - start, lane);
-      const long long row = (long long)me * d.Tmax + i;
-      char* dst_base = peers[r];
-      store_segment(reinterpret_cast<int4*>(dst_base + p.off.recv_x + row * d.row_bytes) +
-                        start,
+      if (item != first) load_item(v, p, c0, item, pairs, row16, lane);
+      const int t = c0 + pair / R, r = pair % R;
+      const int start = seg * kSegment16;
+      const long long row = (long long)d.rank * d.Tmax + i;
+      char* dst = peers[r];
+      store_segment(reinterpret_cast<int4*>(dst + p.off.recv_x + row * d.row_bytes) + start,
                     v, row16 - start, lane);
       if (seg == 0) {
-        if (lane < d.K) {
-          const long long id = p.topk_idx[(long long)t * d.K + lane];
-          const bool here = id >= 0 && id < d.E && (int)(id / d.L) == r;
-          reinterpret_cast<long long*>(dst_base + p.off.recv_idx)[row * d.K + lane] =
-              here ? id - (long long)r * d.L : -1LL;
-          reinterpret_cast<float*>(dst_base + p.off.recv_w)[row * d.K + lane] =
-              here ? p.topk_w[(long long)t * d.K + lane] : 0.f;
+        if (lane < K) {
+          const long long id_k = p.topk_idx[(long long)t * K + lane];
+          const bool here = id_k >= 0 && id_k < d.E && (int)id_k / d.L == r;
+          reinterpret_cast<long long*>(dst + p.off.recv_idx)[row * K + lane] =
+              here ? id_k - (long long)r * d.L : -1LL;
+          reinterpret_cast<float*>(dst + p.off.recv_w)[row * K + lane] =
+              here ? p.topk_w[(long long)t * K + lane] : 0.f;
         }
         for (int j = lane; j < d.S; j += 32)
-          reinterpret_cast<float*>(dst_base + p.off.recv_scales)[row * d.S + j] =
+          reinterpret_cast<float*>(dst + p.off.recv_scales)[row * d.S + j] =
               p.x_scales[(long long)t * d.S + j];
       }
     }
-    if (blockIdx.x == 0 && tid < R) reinterpret_cast<int*>(peers[tid] + p.off.counts)[me] =
-        totals[tid];
+    shift = (shift + items) % warps;
+  }
+  if (blockIdx.x == 0 && dropped) atomicAdd(p.dropped, (unsigned long long)dropped);
+  return running;
+}
+
+// Rows [sent[r], end[r]) of this rank's region at each rank r may hold ids of the previous
+// call on these buffers: the grid marks them as padding (ids -1, weights 0).
+__device__ __forceinline__ void mark_padding(const Params& p, char* const* peers,
+                                             const int* sent, const int* end) {
+  const Dims& d = p.dims;
+  const long long stride = (long long)gridDim.x * kThreads;
+  const long long region = (long long)d.rank * d.Tmax * d.K;
+  for (int r = 0; r < d.R; ++r) {
+    long long* idx = reinterpret_cast<long long*>(peers[r] + p.off.recv_idx) + region;
+    float* w = reinterpret_cast<float*>(peers[r] + p.off.recv_w) + region;
+    for (long long j = (long long)sent[r] * d.K + (long long)blockIdx.x * kThreads +
+                       threadIdx.x;
+         j < (long long)end[r] * d.K; j += stride) {
+      idx[j] = -1;
+      w[j] = 0.f;
+    }
+  }
+}
+
+__global__ void __launch_bounds__(kThreads, 2) decode_dispatch_kernel(const Params p) {
+  __shared__ int pos[kChunk * kMaxRanks];
+  __shared__ unsigned mask[kChunk];
+  __shared__ char* peers[kMaxRanks];
+  __shared__ int sent[kMaxRanks], end[kMaxRanks];
+  __shared__ int warp_count[kWarps][kMaxRanks];
+  const Dims& d = p.dims;
+  const int R = d.R, tid = threadIdx.x;
+  SlotCounters* counters = counters_of(p);
+  const unsigned long long seq = call_seq(&counters->dispatch_seq, p.phases);
+  // padded[r]: trailing rows of this rank's region at r known to hold padding (0 for new
+  // buffers); read now, used after the copies.
+  int* padded = reinterpret_cast<int*>(p.local_state + p.off.padded);
+  const int padded_r = (p.phases & kPhaseSend) && tid < R ? padded[tid] : 0;
+  if (tid < kMaxRanks) peers[tid] = tid < R ? p.peers[tid] : nullptr;
+  __syncthreads();
+
+  if (p.phases & kPhaseSend) {
+    const int running = send_tokens(p, peers, mask, pos, warp_count);
+    if (tid < R) {
+      sent[tid] = running;
+      end[tid] = d.Tmax - padded_r;
+    }
+    __syncthreads();
+    mark_padding(p, peers, sent, end);
+    if (blockIdx.x == 0 && tid < R)
+      reinterpret_cast<int*>(peers[tid] + p.off.counts)[d.rank] = sent[tid];
     signal_peers(p, peers, p.off.dispatch_flags);
-    advance_seq(&counters->dispatch_arrivals, &counters->dispatch_seq, seq);
+    if (last_to_arrive(&counters->dispatch_arrivals)) {
+      for (int r = 0; r < R; ++r) padded[r] = d.Tmax - sent[r];
+      counters->dispatch_seq = seq;
+    }
   }
 
-  // The receive half only marks padding rows: a few blocks do it, the rest are done.
-  if ((p.phases & kPhaseRecv) && blockIdx.x < kRecvBlocks) {
+  // The receive half only reads the counts: one block waits for them.
+  if ((p.phases & kPhaseRecv) && blockIdx.x == 0) {
     const unsigned arrived = wait_all_flags(p, p.off.dispatch_flags, seq,
                                             MOE_PHASE_DECODE_DISPATCH);
-    __shared__ int n_from[kMaxRanks];
     if (tid < R) {
       const int* counts = reinterpret_cast<const int*>(peers[d.rank] + p.off.counts);
       const int n = (arrived >> tid) & 1 ? ld_acquire_sys(counts + tid) : 0;
-      n_from[tid] = min(max(n, 0), d.Tmax);
-      if (blockIdx.x == 0)
-        reinterpret_cast<int*>(p.local_state + p.off.recv_counts)[tid] = n_from[tid];
-    }
-    __syncthreads();
-    // Padding rows [s*Tmax + n_s, (s+1)*Tmax): ids -1, weights 0.
-    long long* idx = reinterpret_cast<long long*>(peers[d.rank] + p.off.recv_idx);
-    float* w = reinterpret_cast<float*>(peers[d.rank] + p.off.recv_w);
-    const long long total = (long long)R * d.Tmax * d.K;
-    const int blocks = min((int)gridDim.x, kRecvBlocks);
-    for (long long j = (long long)blockIdx.x * kThreads + tid; j < total;
-         j += (long long)blocks * kThreads) {
-      const long long row = j / d.K;
-      const int s = (int)(row / d.Tmax), i = (int)(row % d.Tmax);
-      if (i >= n_from[s]) {
-        idx[j] = -1;
-        w[j] = 0.f;
-      }
+      reinterpret_cast<int*>(p.local_state + p.off.recv_counts)[tid] =
+          min(max(n, 0), d.Tmax);
     }
   }
 }
@@ -376,28 +420,68 @@ __device__ __forceinline__ int4 pack_bf16x8(const float* acc) {
   return make_int4((int)w[0], (int)w[1], (int)w[2], (int)w[3]);
 }
 
+// rows[e] = row of the combine buffer's region from rank e holding token j / h16 (its
+// dispatch row there), or -1: no row, or j >= items.
+template <int R>
+__device__ __forceinline__ void token_rows(int (&rows)[R], const int* pos, long long j,
+                                           long long items, int h16) {
+  const int t = j < items ? (int)(j / h16) : -1;
+#pragma unroll
+  for (int e = 0; e < R; ++e) rows[e] = t >= 0 ? pos[t * R + e] : -1;
+}
+
+// Loads word c of each row in `rows` from the ranks in `arrived` (the others become -1).
+template <int R>
+__device__ __forceinline__ void load_rows(int4 (&v)[R], int (&rows)[R], unsigned arrived,
+                                          const char* comb, int Tmax, long long row_bytes,
+                                          int c) {
+#pragma unroll
+  for (int e = 0; e < R; ++e) {
+    if (!((arrived >> e) & 1)) rows[e] = -1;
+    if (rows[e] >= 0)
+      v[e] = ld_cg_v4(reinterpret_cast<const int4*>(
+                          comb + ((long long)e * Tmax + rows[e]) * row_bytes) + c);
+  }
+}
+
+// The fp32 sum, in rank order, of the loaded words (rows -1 skipped), as 8 bf16.
+template <int R>
+__device__ __forceinline__ int4 sum_rows(const int4 (&v)[R], const int (&rows)[R]) {
+  float acc[8];
+#pragma unroll
+  for (int u = 0; u < 8; ++u) acc[u] = 0.f;
+#pragma unroll
+  for (int e = 0; e < R; ++e)
+    if (rows[e] >= 0) add_bf16x8(acc, v[e]);
+  return pack_bf16x8(acc);
+}
+
 // R is a template argument so the reduction keeps exactly R rows in registers.
 template <int R>
 __global__ void __launch_bounds__(kThreads, R < 8 ? 2 : 1)
     decode_combine_kernel(const Params p) {
   __shared__ char* peers[kMaxRanks];
+  __shared__ int n_from[kMaxRanks];
   const Dims& d = p.dims;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   SlotCounters* counters = counters_of(p);
   const unsigned long long seq = call_seq(&counters->combine_seq, p.phases);
   if (tid < kMaxRanks) peers[tid] = tid < R ? p.peers[tid] : nullptr;
+  if (tid < R)
+    n_from[tid] = reinterpret_cast<const int*>(p.local_state + p.off.recv_counts)[tid];
   __syncthreads();
   const int h16 = d.H / 8;  // 16-byte words of a bf16 row
   const long long row_bytes = 2LL * d.H;
   const int* pos = reinterpret_cast<const int*>(p.local_state + p.off.pos);
 
   if (p.phases & kPhaseSend) {
-    const int* recv_counts = reinterpret_cast<const int*>(p.local_state + p.off.recv_counts);
-    __shared__ int n_from[kMaxRanks];
-    if (tid < R) n_from[tid] = recv_counts[tid];
-    __syncthreads();
+    // Items (row i from source s, segment) over the rows below the largest count, sources
+    // interleaved so that consecutive warps write to different ranks.
+    int rows = 0;
+#pragma unroll
+    for (int s = 0; s < R; ++s) rows = max(rows, n_from[s]);
     const int nseg = (h16 + kSegment16 - 1) / kSegment16;
-    const int pairs = R * d.Tmax;
+    const int pairs = R * rows;
     const long long items = (long long)pairs * nseg;
     for (long long item = (long long)blockIdx.x * kWarps + warp; item < items;
          item += (long long)gridDim.x * kWarps) {
@@ -414,36 +498,31 @@ __global__ void __launch_bounds__(kThreads, R < 8 ? 2 : 1)
                     v, h16 - start, lane);
     }
     signal_peers(p, peers, p.off.combine_flags);
-    advance_seq(&counters->combine_arrivals, &counters->combine_seq, seq);
+    if (last_to_arrive(&counters->combine_arrivals)) counters->combine_seq = seq;
   }
 
   if (p.phases & kPhaseRecv) {
+    // Each thread sums two output words per step, all their rows' loads in flight at once;
+    // the rows of its first two are looked up before the wait.
+    const long long items = (long long)p.T * h16, stride = (long long)gridDim.x * kThreads;
+    const long long j0 = (long long)blockIdx.x * kThreads + tid;
+    int ra[R], rb[R];
+    token_rows(ra, pos, j0, items, h16);
+    token_rows(rb, pos, j0 + stride, items, h16);
     const unsigned arrived = wait_all_flags(p, p.off.combine_flags, seq,
                                             MOE_PHASE_DECODE_COMBINE);
     const char* comb = peers[d.rank] + p.off.comb;
-    const long long items = (long long)p.T * h16;
-    for (long long j = (long long)blockIdx.x * kThreads + tid; j < items;
-         j += (long long)gridDim.x * kThreads) {
-      const int t = (int)(j / h16), c = (int)(j % h16);
-      // All of the token's rows are loaded before any is added, to keep them in flight;
-      // the sum runs in rank order.
-      int4 v[R];
-      bool has[R];
-#pragma unroll
-      for (int e = 0; e < R; ++e) {
-        const int i = (arrived >> e) & 1 ? pos[t * R + e] : -1;
-        has[e] = i >= 0;
-        if (has[e])
-          v[e] = ld_cg_v4(reinterpret_cast<const int4*>(
-                              comb + ((long long)e * d.Tmax + i) * row_bytes) + c);
+    int4* out = reinterpret_cast<int4*>(p.out);
+    for (long long j = j0; j < items; j += 2 * stride) {
+      if (j != j0) {
+        token_rows(ra, pos, j, items, h16);
+        token_rows(rb, pos, j + stride, items, h16);
       }
-      float acc[8];
-#pragma unroll
-      for (int u = 0; u < 8; ++u) acc[u] = 0.f;
-#pragma unroll
-      for (int e = 0; e < R; ++e)
-        if (has[e]) add_bf16x8(acc, v[e]);
-      reinterpret_cast<int4*>(p.out)[j] = pack_bf16x8(acc);
+      int4 va[R], vb[R];
+      load_rows(va, ra, arrived, comb, d.Tmax, row_bytes, (int)(j % h16));
+      load_rows(vb, rb, arrived, comb, d.Tmax, row_bytes, (int)((j + stride) % h16));
+      out[j] = sum_rows(va, ra);
+      if (j + stride < items) out[j + stride] = sum_rows(vb, rb);
     }
   }
 }
@@ -454,19 +533,22 @@ bool dims_valid(const Dims& d) {
          (!d.fp8 || d.H % 128 == 0);
 }
 
+// v as an int, or -1 (which dims_valid rejects) outside [0, kMaxTokens].
+int narrow(long long v) { return v >= 0 && v <= kMaxTokens ? (int)v : -1; }
+
 Dims make_dims(long long R, long long rank, long long Tmax, long long H, long long K,
                long long E, long long fp8) {
   Dims d{};
-  d.R = (int)R;
-  d.rank = (int)rank;
-  d.Tmax = (int)Tmax;
-  d.H = (int)H;
-  d.K = (int)K;
-  d.E = (int)E;
-  d.L = R > 0 ? (int)(E / R) : 0;
+  d.R = narrow(R);
+  d.rank = narrow(rank);
+  d.Tmax = narrow(Tmax);
+  d.H = narrow(H);
+  d.K = narrow(K);
+  d.E = narrow(E);
+  d.L = d.R > 0 ? d.E / d.R : 0;
   d.fp8 = fp8 ? 1 : 0;
-  d.S = fp8 ? (int)(H / 128) : 0;
-  d.row_bytes = fp8 ? H : 2 * H;
+  d.S = fp8 ? d.H / 128 : 0;
+  d.row_bytes = fp8 ? d.H : 2LL * d.H;
   return d;
 }
 
@@ -494,8 +576,9 @@ bool call_valid(const Plan* plan, long long slot, long long parity, long long ph
          T <= plan->dims.Tmax;
 }
 
+// A receive half alone is one block: it only waits and reads the counts.
 int dispatch_grid(const Plan& plan, long long phases) {
-  return phases == kPhaseRecv ? (plan.grid < kRecvBlocks ? plan.grid : kRecvBlocks) : plan.grid;
+  return phases == kPhaseRecv ? 1 : plan.grid;
 }
 
 }  // namespace
@@ -521,6 +604,7 @@ MOE_EXPORT int moe_decode_layout(long long R, long long Tmax, long long H, long 
 // Make a plan for one rank: `peers` is a host array of R symmetric-buffer addresses (own
 // included), `local_state` a zeroed device buffer of the layout's local bytes, `dropped` a
 // device int64 counter, `err` a zeroed device ErrorRecord. `grid` blocks per launch.
+// Tmax and H are at most 2^24.
 MOE_EXPORT int moe_decode_plan_create(void** plan_out, long long device, long long R,
                                       long long rank, long long Tmax, long long H, long long K,
                                       long long E, long long fp8, const long long* peers,
@@ -530,24 +614,11 @@ MOE_EXPORT int moe_decode_plan_create(void** plan_out, long long device, long lo
   if (plan_out == nullptr || !dims_valid(d) || peers == nullptr || local_state == nullptr ||
       dropped == nullptr || err == nullptr || timeout_ns <= 0 || grid < R)
     return MOE_STATUS_INVALID_ARGUMENT;
-  MOE_TRY(cudaSetDevice((int)device));
-  const size_t smem = sizeof(int) * (size_t)Tmax * (size_t)R;  // the routing table
-  int max_optin = 0;
-  MOE_TRY(cudaDeviceGetAttribute(&max_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin,
-                                 (int)device));
-  if (smem + 4096 > (size_t)max_optin) return MOE_STATUS_TOO_MUCH_SHARED_MEMORY;
-  // The attribute is per kernel, shared by every plan: raise it to the device's limit once
-  // a plan needs more than the default, never lower it.
-  if (smem > 48 * 1024)
-    MOE_TRY(cudaFuncSetAttribute(decode_dispatch_kernel,
-                                 cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                 max_optin - 4096));
   Plan* plan = new Plan{};
   plan->dims = d;
   plan->layout = make_layout(d);
   plan->device = (int)device;
   plan->grid = (int)grid;
-  plan->smem = smem;
   for (int r = 0; r < kMaxRanks; ++r)
     plan->peers[r] = r < R ? reinterpret_cast<char*>(peers[r]) : nullptr;
   plan->local_state = static_cast<char*>(local_state);
@@ -581,7 +652,7 @@ MOE_EXPORT int moe_decode_dispatch(void* plan_ptr, void* stream, const void* x,
   p.topk_idx = static_cast<const long long*>(topk_idx);
   p.topk_w = static_cast<const float*>(topk_w);
   MOE_TRY(cudaSetDevice(plan->device));
-  decode_dispatch_kernel<<<dispatch_grid(*plan, phases), kThreads, plan->smem,
+  decode_dispatch_kernel<<<dispatch_grid(*plan, phases), kThreads, 0,
                            static_cast<cudaStream_t>(stream)>>>(p);
   MOE_TRY(cudaGetLastError());
   return 0;

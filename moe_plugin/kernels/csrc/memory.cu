@@ -60,8 +60,6 @@ MOE_EXPORT const char* moe_status_string(long long status) {
   switch (status) {
     case MOE_STATUS_INVALID_ARGUMENT:
       return "invalid argument passed to a moe_plugin kernel entry point";
-    case MOE_STATUS_TOO_MUCH_SHARED_MEMORY:
-      return "the kernel needs more shared memory than the device offers per block";
     default:
       return cudaGetErrorString((cudaError_t)status);
   }

@@ -27,6 +27,8 @@ from moe_plugin.transport.bundled.decode import DecodePath
 from moe_plugin.transport.bundled.errors import ErrorRecord
 
 SUPPORTED_WORLD_SIZES = (2, 4, 8)
+MAX_TOKENS_AND_HIDDEN = 1 << 24
+"""Bound on max_tokens_per_rank and hidden: the kernels index rows and words in int32."""
 
 
 class BundledTransport(Transport):
@@ -51,6 +53,10 @@ class BundledTransport(Transport):
         if self.world_size not in SUPPORTED_WORLD_SIZES:
             raise ValueError(f"BundledTransport supports groups of {SUPPORTED_WORLD_SIZES} "
                              f"ranks, got {self.world_size}")
+        for name in ("max_tokens_per_rank", "hidden"):
+            if getattr(spec, name) > MAX_TOKENS_AND_HIDDEN:
+                raise ValueError(f"BundledTransport supports {name} up to "
+                                 f"{MAX_TOKENS_AND_HIDDEN}, got {getattr(spec, name)}")
         if self.timeout_s <= 0:
             raise ValueError(f"timeout_s must be positive, got {self.timeout_s}")
         sm_count = torch.cuda.get_device_properties(self.device).multi_processor_count

@@ -10,91 +10,33 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from collections.abc import Callable
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from moe_plugin.launch import run_workers
 from moe_plugin.transport import DispatchResult, Transport, TransportSpec, make_transport
 from moe_plugin.transport.base import SCALE_BLOCK
-from tests.reference import expert_scale, to_global
+from tests.gpu.harness import (
+    BF16,
+    FP8,
+    TIMEOUT_S,
+    Inputs,
+    Scenario,
+    build_pair,
+    make_inputs,
+    outcomes_of,
+    y_of,
+)
+from tests.reference import dequantize, expert_scale
 
 pytestmark = pytest.mark.gpu
 
-FP8 = torch.float8_e4m3fn
-BF16 = torch.bfloat16
 PRESETS = {  # (hidden, experts, topk)
     "deepseek-v3": (7168, 256, 8),
     "qwen3-30b-a3b": (2048, 128, 8),
     "mixtral": (4096, 8, 2),
 }
-TIMEOUT_S = 20.0
-
-
-# ----------------------------------------------------------------------------- inputs
-@dataclasses.dataclass
-class Inputs:
-    """Every rank's inputs of one call, on this rank's device: x [R, Tmax, H] (rank s uses
-    its first tokens[s] rows), scales, ids [R, Tmax, K], weights."""
-
-    spec: TransportSpec
-    tokens: list[int]
-    x: torch.Tensor
-    scales: torch.Tensor | None
-    idx: torch.Tensor
-    w: torch.Tensor
-
-    def of(self, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                     torch.Tensor | None]:
-        """(x, topk_idx, topk_weights, x_scales) of `rank`, contiguous."""
-        n = self.tokens[rank]
-        scales = None if self.scales is None else self.scales[rank, :n].contiguous()
-        return (self.x[rank, :n].contiguous(), self.idx[rank, :n].contiguous(),
-                self.w[rank, :n].contiguous(), scales)
-
-
-def make_inputs(spec: TransportSpec, world: int, tokens: list[int], seed: int,
-                routing: str = "uniform", bad_ids: bool = False) -> Inputs:
-    """Random inputs of every rank, identical on every rank (one device generator seed).
-
-    routing: "uniform" (distinct experts, ~10% of choices -1), "skewed" (every token to
-    experts of one rank, repeats allowed), "none" (all -1), "mixed" (a random pick per
-    token of the three). `bad_ids` replaces ~5% of choices with ids outside [-1, E)."""
-    device = torch.device("cuda", torch.cuda.current_device())
-    g = torch.Generator(device=device).manual_seed(seed)
-    tmax, hidden, k, e = spec.max_tokens_per_rank, spec.hidden, spec.num_topk, spec.num_experts
-    local = e // world
-    values = torch.randn(world, tmax, hidden, generator=g, device=device)
-    scales = None
-    if spec.is_fp8:
-        x = (values * 64).clamp(-448, 448).to(FP8)
-        scales = torch.rand(world, tmax, hidden // SCALE_BLOCK, generator=g, device=device) + 0.5
-    else:
-        x = values.to(BF16)
-    if k <= e:
-        uniform = torch.rand(world, tmax, e, generator=g, device=device).topk(k, dim=2).indices
-    else:
-        uniform = torch.randint(0, e, (world, tmax, k), generator=g, device=device)
-    uniform = torch.where(torch.rand(world, tmax, k, generator=g, device=device) < 0.1,
-                          -1, uniform)
-    hot = torch.randint(0, world, (1,), generator=g, device=device)
-    skewed = hot * local + torch.randint(0, local, (world, tmax, k), generator=g, device=device)
-    none = torch.full_like(uniform, -1)
-    pick = {"uniform": 0, "skewed": 1, "none": 2}.get(routing)
-    if pick is None:
-        pick_t = torch.randint(0, 3, (world, tmax, 1), generator=g, device=device)
-    else:
-        pick_t = torch.full((world, tmax, 1), pick, device=device)
-    idx = torch.where(pick_t == 0, uniform, torch.where(pick_t == 1, skewed, none))
-    if bad_ids:
-        bad = torch.tensor([e, e + 5, -2, -(1 << 40), 1 << 40], device=device)
-        which = torch.randint(0, 5, idx.shape, generator=g, device=device)
-        idx = torch.where(torch.rand(idx.shape, generator=g, device=device) < 0.05,
-                          bad[which], idx)
-    w = torch.rand(world, tmax, k, generator=g, device=device)
-    return Inputs(spec, list(tokens), x, scales, idx.contiguous(), w)
 
 
 # ------------------------------------------------------------------ device reference
@@ -145,26 +87,6 @@ def receive_mismatches(got: DispatchResult, exp: dict[str, torch.Tensor]) -> tor
     bad += (got.recv_topk_weights.view(torch.int32) != exp["w"].view(torch.int32)).sum()
     bad += (got.handle.recv_counts != exp["counts"]).sum()
     return bad
-
-
-def dequantize(x: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
-    """float32 values of payload rows (fp8 times its block-128 scales)."""
-    if scales is None:
-        return x.float()
-    return (x.float().unflatten(1, (-1, SCALE_BLOCK)) * scales[:, :, None]).flatten(1)
-
-
-def y_of(result: DispatchResult, rank: int, local: int) -> torch.Tensor:
-    """The toy experts' output for the received rows: sum over choices of weight *
-    expert_scale(global id) * row, in fp32, as bf16; NaN on rows without a local expert
-    (combine must never read them). Capturable in a CUDA graph (no host sync)."""
-    ids = to_global(result.recv_topk_idx, rank, local)
-    values = dequantize(result.recv_x, result.recv_scales)
-    coef = torch.where(ids >= 0, result.recv_topk_weights * expert_scale(ids.clamp(min=0)), 0.0)
-    acc = torch.zeros_like(values)
-    for j in range(ids.shape[1]):
-        acc += coef[:, j, None] * torch.where(ids[:, j, None] >= 0, values, 0.0)
-    return torch.where((ids < 0).all(dim=1, keepdim=True), float("nan"), acc).to(BF16)
 
 
 def combine_mismatches(out: torch.Tensor, inp: Inputs, rank: int) -> torch.Tensor:
@@ -236,12 +158,6 @@ def against_torch(bundled: Transport, ref: Transport, inp: Inputs, what: str, *,
     return errors
 
 
-def build_pair(spec: TransportSpec, **kw: object) -> tuple[Transport, Transport]:
-    bundled = make_transport("bundled", spec, None, timeout_s=TIMEOUT_S, **kw)
-    ref = make_transport("torch", spec, None)
-    return bundled, ref
-
-
 def token_mix(world: int, tmax: int, shift: int) -> list[int]:
     """Per-rank token counts drawn from {0, 1, 7, 128, Tmax} (capped at Tmax), rotated."""
     choices = [0, 1, 7, min(128, tmax), tmax]
@@ -285,11 +201,42 @@ def scenario_shapes(world: int) -> list[str]:
             bundled.check()
             bundled.destroy()
             ref.destroy()
-    # A routing table beyond the default 48 KB of shared memory per block.
+    # Tokens routed in several chunks (of 512), the last one partial.
     spec = TransportSpec(3000, 64, 2, 4 * world, BF16)
     bundled, ref = build_pair(spec)
     inp = make_inputs(spec, world, [[3000, 0, 1, 2999][r % 4] for r in range(world)], seed=11)
     errors += against_torch(bundled, ref, inp, "Tmax 3000")
+    bundled.check()
+    bundled.destroy()
+    ref.destroy()
+    return errors
+
+
+def scenario_large_tmax(world: int) -> list[str]:
+    """Tmax 16384 (qwen3 shape, both dtypes; T in {0, 5000, 16384} across ranks, then a
+    graph-sized call on the same buffers) and Tmax 65536 (a small shape)."""
+    errors = []
+    hidden, experts, topk = PRESETS["qwen3-30b-a3b"]
+    for dtype in (BF16, FP8):
+        spec = TransportSpec(16384, hidden, topk, experts, dtype)
+        bundled, ref = build_pair(spec)
+        for shift in range(2):
+            tokens = [[16384, 0, 5000, 16384][(r + shift) % 4] for r in range(world)]
+            inp = make_inputs(spec, world, tokens, seed=40 + shift, routing="mixed")
+            errors += against_torch(bundled, ref, inp, f"Tmax 16384 {dtype} T{tokens}",
+                                    slot=shift)
+            del inp
+        inp = make_inputs(spec, world, token_mix(world, 128, 1), seed=42)
+        errors += against_torch(bundled, ref, inp, f"Tmax 16384 {dtype} small T")
+        del inp
+        bundled.check()
+        bundled.destroy()
+        ref.destroy()
+        torch.cuda.empty_cache()
+    spec = TransportSpec(65536, 64, 2, 4 * world, BF16)
+    bundled, ref = build_pair(spec)
+    inp = make_inputs(spec, world, [[65536, 1, 0, 40000][r % 4] for r in range(world)], seed=44)
+    errors += against_torch(bundled, ref, inp, "Tmax 65536")
     bundled.check()
     bundled.destroy()
     ref.destroy()
@@ -509,7 +456,8 @@ def scenario_absent_peer(world: int) -> list[str]:
 
 
 def scenario_bad_construction(world: int) -> list[str]:
-    """Clear ValueErrors: a CPU device, an unsupported group size."""
+    """Clear ValueErrors: a CPU device, more than 2^24 tokens per rank, an unsupported group
+    size."""
     errors = []
     spec = TransportSpec(8, 256, 2, 2 * world, BF16)
     try:
@@ -518,6 +466,13 @@ def scenario_bad_construction(world: int) -> list[str]:
     except ValueError as e:
         if "CUDA" not in str(e):
             errors.append(f"unclear message for a CPU device: {e}")
+    huge = TransportSpec((1 << 24) + 1, 256, 2, 2 * world, BF16)
+    try:
+        make_transport("bundled", huge, None)
+        errors.append("max_tokens_per_rank 2^24 + 1 was accepted")
+    except ValueError as e:
+        if "max_tokens_per_rank" not in str(e) or str((1 << 24) + 1) not in str(e):
+            errors.append(f"unclear message for max_tokens_per_rank 2^24 + 1: {e}")
     group = dist.new_group(list(range(world - 1)))
     if dist.get_rank() < world - 1:
         odd = TransportSpec(8, 256, 2, 2 * world * (world - 1), BF16)
@@ -530,9 +485,10 @@ def scenario_bad_construction(world: int) -> list[str]:
     return errors
 
 
-SCENARIOS: dict[str, Callable[[int], list[str]]] = {
+SCENARIOS: dict[str, Scenario] = {
     "presets": scenario_presets,
     "shapes": scenario_shapes,
+    "large_tmax": scenario_large_tmax,
     "slots_and_hooks": scenario_slots_and_hooks,
     "graphs": scenario_graphs,
     "soak": scenario_soak,
@@ -543,26 +499,10 @@ SCENARIOS: dict[str, Callable[[int], list[str]]] = {
 }
 
 
-def battery(rank: int, world: int) -> dict[str, list[str]]:
-    """Run every scenario on this rank; return its mismatch messages per scenario."""
-    torch.manual_seed(rank)
-    out = {}
-    for name, fn in SCENARIOS.items():
-        out[name] = fn(world)
-        dist.barrier()
-    return out
-
-
 # ----------------------------------------------------------------------------- tests
-def _world() -> int:
-    count = torch.cuda.device_count()
-    return max(r for r in (2, 4, 8) if r <= count)
-
-
 @pytest.fixture(scope="module")
 def outcomes() -> dict[str, list[str]]:
-    per_rank = run_workers(battery, _world(), timeout_s=900)
-    return {name: [m for r in per_rank for m in r[name]] for name in SCENARIOS}
+    return outcomes_of(SCENARIOS)
 
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))

@@ -11,24 +11,29 @@ keep making the same calls.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from moe_plugin.launch import run_workers
 from moe_plugin.transport import DispatchResult, Transport, TransportSpec, make_transport
 from moe_plugin.transport.base import SCALE_BLOCK
-from tests.gpu.test_bundled_decode import Inputs, make_inputs, y_of
+from tests.gpu.harness import (
+    BF16,
+    FP8,
+    TIMEOUT_S,
+    Inputs,
+    Scenario,
+    build_pair,
+    make_inputs,
+    outcomes_of,
+    y_of,
+)
 from tests.reference import dequantize, expert_scale
 
 pytestmark = pytest.mark.gpu
 
-FP8 = torch.float8_e4m3fn
-BF16 = torch.bfloat16
 DEEPSEEK = (7168, 256, 8)  # hidden, experts, topk
-TIMEOUT_S = 20.0
 
 
 # ------------------------------------------------------------------------- helpers
@@ -158,11 +163,6 @@ def expected_mismatches(res: DispatchResult, inp: Inputs, alignment: int) -> tor
     bad += ((ids >= 0).sum() - lid.numel()).abs()
     bad += ((ids < 0) & (res.recv_topk_weights[:, 0] != 0)).sum()
     return bad
-
-
-def build_pair(spec: TransportSpec, **kw: object) -> tuple[Transport, Transport]:
-    bundled = make_transport("bundled", spec, None, timeout_s=TIMEOUT_S, **kw)
-    return bundled, make_transport("torch", spec, None)
 
 
 def release(*transports: Transport) -> None:
@@ -413,7 +413,7 @@ def scenario_absent_peer(world: int) -> list[str]:
     return errors
 
 
-SCENARIOS: dict[str, Callable[[int], list[str]]] = {
+SCENARIOS: dict[str, Scenario] = {
     "shapes": scenario_shapes,
     "one_expert": scenario_one_expert,
     "slots_and_hooks": scenario_slots_and_hooks,
@@ -425,26 +425,10 @@ SCENARIOS: dict[str, Callable[[int], list[str]]] = {
 }
 
 
-def battery(rank: int, world: int) -> dict[str, list[str]]:
-    """Run every scenario on this rank; return its mismatch messages per scenario."""
-    torch.manual_seed(rank)
-    out = {}
-    for name, fn in SCENARIOS.items():
-        out[name] = fn(world)
-        dist.barrier()
-    return out
-
-
 # --------------------------------------------------------------------------- tests
-def _world() -> int:
-    count = torch.cuda.device_count()
-    return max(r for r in (2, 4, 8) if r <= count)
-
-
 @pytest.fixture(scope="module")
 def outcomes() -> dict[str, list[str]]:
-    per_rank = run_workers(battery, _world(), timeout_s=900)
-    return {name: [m for r in per_rank for m in r[name]] for name in SCENARIOS}
+    return outcomes_of(SCENARIOS)
 
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))

@@ -32,10 +32,13 @@ class WriteBandwidth:
 
 
 def measure_write_bandwidth(group: dist.ProcessGroup | None = None, mib_per_peer: int = 256,
-                            iters: int = 10, warmup: int = 3) -> WriteBandwidth:
+                            iters: int = 20, warmup: int = 40) -> WriteBandwidth:
     """Time every rank of `group` (one process per GPU, current device set) writing
     `mib_per_peer` MiB into each other rank's buffer concurrently, one stream per peer.
-    Collective. Raises RuntimeError when there is no peer or the peers cannot be mapped."""
+    Collective. Raises RuntimeError when there is no peer or the peers cannot be mapped.
+
+    The long warm-up matters: measured first thing on idle GPUs, a few warm-up rounds gave
+    232-311 GB/s where the same machine gave 349-385 GB/s after other work."""
     import torch.distributed._symmetric_memory as symm_mem
 
     group = group if group is not None else dist.group.WORLD

@@ -37,8 +37,8 @@ def measure_write_bandwidth(group: dist.ProcessGroup | None = None, mib_per_peer
     `mib_per_peer` MiB into each other rank's buffer concurrently, one stream per peer.
     Collective. Raises RuntimeError when there is no peer or the peers cannot be mapped.
 
-    The long warm-up matters: measured first thing on idle GPUs, a few warm-up rounds gave
-    232-311 GB/s where the same machine gave 349-385 GB/s after other work."""
+    With 3 warm-up rounds, runs on one machine spread from 232 to 385 GB/s; the warm-up
+    is long so that clocks and mappings have settled before timing."""
     import torch.distributed._symmetric_memory as symm_mem
 
     group = group if group is not None else dist.group.WORLD

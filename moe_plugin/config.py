@@ -73,9 +73,13 @@ class PluginSettings:
             return self.mode
         return "decode" if cuda_graphs else "prefill"
 
-    def transport_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for `make_transport` beyond the spec and group."""
+    def transport_kwargs(self, mode: str) -> dict[str, Any]:
+        """Keyword arguments for `make_transport` beyond the spec and group, for layers
+        running in `mode` (decode or prefill)."""
         kwargs: dict[str, Any] = {}
+        if self.transport == "bundled":
+            # Only that path's buffers: the decode path's grow with R * Tmax * H.
+            kwargs["modes"] = (mode,)
         if self.timeout_s is not None:
             kwargs["timeout_s"] = self.timeout_s
         if self.num_sms is not None:

@@ -96,8 +96,8 @@ def make_prepare_finalize(moe: Any, quant_config: Any, *, use_monolithic: bool =
     spec = TransportSpec(
         max_tokens_per_rank=settings.max_tokens_per_rank or moe.max_num_tokens,
         hidden=moe.hidden_dim, num_topk=moe.experts_per_token, num_experts=moe.num_experts)
-    prepare_finalize = PREPARE_FINALIZE_CLASSES[mode](_pool(settings), spec, quant_config,
-                                                      moe)
+    prepare_finalize = PREPARE_FINALIZE_CLASSES[mode](_pool(settings, mode), spec,
+                                                      quant_config, moe)
     _log_once(logging.INFO, f"moe_plugin: {type(prepare_finalize).__name__} over the "
               f"{settings.transport} transport (max {spec.max_tokens_per_rank} tokens per rank)")
     return prepare_finalize
@@ -227,14 +227,14 @@ def _cuda_graphs_enabled(vllm_config: Any) -> bool:
     return mode is None or mode.name != "NONE"
 
 
-def _pool(settings: PluginSettings) -> Any:
-    """The transport pool for `settings` on vLLM's expert-parallel group."""
+def _pool(settings: PluginSettings, mode: str) -> Any:
+    """The transport pool for `settings` and `mode` on vLLM's expert-parallel group."""
     from vllm.distributed import get_ep_group
 
     from moe_plugin.prepare_finalize import TransportPool
 
     group = get_ep_group().device_group
-    kwargs = settings.transport_kwargs()
+    kwargs = settings.transport_kwargs(mode)
     key = (settings.transport, group, tuple(sorted(kwargs.items())))
     pool = _POOLS.get(key)
     if pool is None:

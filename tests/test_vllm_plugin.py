@@ -37,7 +37,10 @@ def test_settings_defaults_and_modes() -> None:
     full = PluginSettings.parse({"mode": "decode", "transport": "bundled",
                                  "max_tokens_per_rank": 512, "num_sms": 16,
                                  "timeout_s": 5})
-    assert full.transport_kwargs() == {"timeout_s": 5.0, "num_sms": 16}
+    assert full.transport_kwargs("decode") == {"modes": ("decode",), "timeout_s": 5.0,
+                                                "num_sms": 16}
+    torch_settings = PluginSettings.parse({"transport": "torch", "timeout_s": 5})
+    assert torch_settings.transport_kwargs("prefill") == {"timeout_s": 5.0}
     assert isinstance(full.timeout_s, float)
 
 

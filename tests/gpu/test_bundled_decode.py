@@ -457,9 +457,25 @@ def scenario_absent_peer(world: int) -> list[str]:
 
 def scenario_bad_construction(world: int) -> list[str]:
     """Clear ValueErrors: a CPU device, more than 2^24 tokens per rank, an unsupported group
-    size."""
+    size, unknown modes, and a call for a path the transport was not built with."""
     errors = []
     spec = TransportSpec(8, 256, 2, 2 * world, BF16)
+    try:
+        make_transport("bundled", spec, None, modes=("decode", "bogus"))
+        errors.append("modes=('decode', 'bogus') was accepted")
+    except ValueError as e:
+        if "bogus" not in str(e):
+            errors.append(f"unclear message for an unknown mode: {e}")
+    decode_only = make_transport("bundled", spec, None, modes=("decode",))
+    x, topk_idx, topk_weights, _ = make_inputs(spec, world, [4] * world, seed=5).of(
+        dist.get_rank())
+    try:
+        decode_only.dispatch(x, topk_idx, topk_weights, expand=True, cpu_sync=True)
+        errors.append("expand=True ran on a transport built with modes=('decode',)")
+    except ValueError as e:
+        if "prefill" not in str(e):
+            errors.append(f"unclear message for a path not built: {e}")
+    decode_only.destroy()
     try:
         make_transport("bundled", spec, None, device="cpu")
         errors.append("a CPU device was accepted")

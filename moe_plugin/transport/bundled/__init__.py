@@ -2,12 +2,13 @@
 over NVLink (peer-mapped buffers, no NVSHMEM, no multicast). DESIGN.md section 3.
 
 Non-expanded calls (`expand=False`, decode) run `DecodePath` (decode.py); expanded calls
-(`expand=True`, prefill) run `PrefillPath` (prefill.py).
+(`expand=True`, prefill) run `PrefillPath` (prefill.py). Each path owns its peer-mapped
+buffers, and the decode path's grow with R * Tmax * H, so a transport builds only the paths
+named in `modes`.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import socket
 from typing import Any
@@ -25,8 +26,10 @@ from moe_plugin.transport.base import (
 )
 from moe_plugin.transport.bundled.decode import DecodePath
 from moe_plugin.transport.bundled.errors import ErrorRecord
+from moe_plugin.transport.bundled.prefill import PrefillPath
 
 SUPPORTED_WORLD_SIZES = (2, 4, 8)
+MODES = ("decode", "prefill")
 MAX_TOKENS_AND_HIDDEN = 1 << 24
 """Bound on max_tokens_per_rank and hidden: the kernels index rows and words in int32."""
 
@@ -38,15 +41,18 @@ class BundledTransport(Transport):
     `timeout_s` bounds every wait for a peer (default `MOE_PLUGIN_TIMEOUT_S` or 60 s); a
     wait that gives up is reported by `check()`. `num_sms` bounds the SMs of the prefill
     kernels (so other work can run beside them); `decode_sms` the blocks of the decode
-    kernels (default `MOE_PLUGIN_DECODE_SMS`, else every SM). Building it is collective
-    over `group`, and so is `destroy()`.
+    kernels (default `MOE_PLUGIN_DECODE_SMS`, else every SM). `modes` names the paths to
+    build: "decode" serves `expand=False` calls, "prefill" `expand=True` ones; a call for a
+    path not built raises ValueError. Building it is collective over `group`, and so is
+    `destroy()`.
     """
 
     supports_split_phases = True
 
     def __init__(self, spec: TransportSpec, group: dist.ProcessGroup | None = None,
                  device: torch.device | str | None = None, timeout_s: float | None = None,
-                 num_sms: int = 24, decode_sms: int | None = None) -> None:
+                 num_sms: int = 24, decode_sms: int | None = None,
+                 modes: tuple[str, ...] = MODES) -> None:
         super().__init__(spec, group, device, timeout_s)
         if self.device.type != "cuda":
             raise ValueError(f"BundledTransport needs a CUDA device, got {self.device}")
@@ -57,6 +63,8 @@ class BundledTransport(Transport):
             if getattr(spec, name) > MAX_TOKENS_AND_HIDDEN:
                 raise ValueError(f"BundledTransport supports {name} up to "
                                  f"{MAX_TOKENS_AND_HIDDEN}, got {getattr(spec, name)}")
+        if not modes or set(modes) - set(MODES):
+            raise ValueError(f"modes must be a non-empty subset of {MODES}, got {modes}")
         if self.timeout_s <= 0:
             raise ValueError(f"timeout_s must be positive, got {self.timeout_s}")
         sm_count = torch.cuda.get_device_properties(self.device).multi_processor_count
@@ -69,9 +77,10 @@ class BundledTransport(Transport):
         self.decode_sms = self._check_topology(
             decode_sms or min(sm_count, _env_decode_sms() or sm_count))
         self.errors = ErrorRecord(self.device)
+        self._modes = tuple(modes)
         self._destroyed = False
-        self._decode = DecodePath(self)
-        self._prefill: Any = _make_prefill_path(self)
+        self._decode = DecodePath(self) if "decode" in modes else None
+        self._prefill = PrefillPath(self) if "prefill" in modes else None
 
     @property
     def timeout_ns(self) -> int:
@@ -83,18 +92,16 @@ class BundledTransport(Transport):
                   expert_alignment: int, return_recv_hook: bool
                   ) -> DispatchResult | DispatchHook:
         if expand:
-            return self._prefill_path().dispatch(
+            return self._path(expand).dispatch(
                 x, topk_idx, topk_weights, x_scales, slot=slot,
                 expert_alignment=expert_alignment, return_recv_hook=return_recv_hook)
-        return self._decode.dispatch(x, topk_idx, topk_weights, x_scales, slot=slot,
-                                     return_recv_hook=return_recv_hook)
+        return self._path(expand).dispatch(x, topk_idx, topk_weights, x_scales, slot=slot,
+                                           return_recv_hook=return_recv_hook)
 
     def _combine(self, y: torch.Tensor, handle: DispatchHandle, *, slot: int,
                  return_recv_hook: bool) -> torch.Tensor | CombineHook:
-        if handle.expand:
-            return self._prefill_path().combine(y, handle, slot=slot,
-                                                return_recv_hook=return_recv_hook)
-        return self._decode.combine(y, handle, slot=slot, return_recv_hook=return_recv_hook)
+        return self._path(handle.expand).combine(y, handle, slot=slot,
+                                                 return_recv_hook=return_recv_hook)
 
     def check(self) -> None:
         """Raise RuntimeError if a kernel's wait for a peer timed out (naming the waiting
@@ -111,15 +118,18 @@ class BundledTransport(Transport):
         if self._destroyed:
             return
         self._destroyed = True
-        self._decode.destroy()
-        if self._prefill is not None:
-            self._prefill.destroy()
+        for path in (self._decode, self._prefill):
+            if path is not None:
+                path.destroy()
 
-    def _prefill_path(self) -> Any:
-        if self._prefill is None:
-            raise NotImplementedError("the bundled prefill path (expand=True) is not built "
-                                      "in this installation")
-        return self._prefill
+    def _path(self, expand: bool) -> Any:
+        """The path serving `expand` calls; ValueError if this transport did not build it."""
+        path = self._prefill if expand else self._decode
+        if path is None:
+            name = MODES[expand]
+            raise ValueError(f"expand={expand} needs the {name!r} path, but this "
+                             f"BundledTransport was built with modes={self._modes}")
+        return path
 
     def _check_topology(self, decode_sms: int) -> int:
         """Check that the ranks share a host, one GPU each, with peer access; return the
@@ -154,15 +164,6 @@ def _env_decode_sms() -> int | None:
     if not value.isdigit() or int(value) < 1:
         raise ValueError(f"MOE_PLUGIN_DECODE_SMS must be a positive integer, got {value!r}")
     return int(value)
-
-
-def _make_prefill_path(transport: BundledTransport) -> Any:
-    """The expanded path, where this installation has it (prefill.py)."""
-    if importlib.util.find_spec("moe_plugin.transport.bundled.prefill") is None:
-        return None
-    from moe_plugin.transport.bundled.prefill import PrefillPath
-
-    return PrefillPath(transport)
 
 
 __all__ = ["BundledTransport"]

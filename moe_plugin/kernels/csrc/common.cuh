@@ -69,6 +69,10 @@ __device__ __forceinline__ unsigned long long ld_relaxed_sys(const unsigned long
   return v;
 }
 
+__device__ __forceinline__ void st_relaxed_sys(unsigned long long* p, unsigned long long v) {
+  asm volatile("st.relaxed.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+
 __device__ __forceinline__ void st_release_sys(unsigned long long* p, unsigned long long v) {
   asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
@@ -106,19 +110,17 @@ __device__ __forceinline__ void record_error(const WaitSite& site, int code, int
   }
 }
 
-// Spin until *flag >= expected (acquire, system scope). Gives up, records the timeout and
-// returns false after site.timeout_ns, or early once any wait of this rank has failed (the
-// transport is then unusable and later calls must not each wait the full timeout).
-// Polls with relaxed loads (lighter on the memory system) and acquires once it succeeds;
-// flags only grow, so the acquiring load sees a release at least as late as the one polled.
-// `call` is the call's sequence number for the error record, when `expected` is not it.
-__device__ __forceinline__ bool wait_flag_geq(const unsigned long long* flag,
-                                              unsigned long long expected, const WaitSite& site,
-                                              int peer, long long call) {
-  if (ld_acquire_sys(flag) >= expected) return true;
+// Spin until poll() returns true. Gives up, records the timeout and returns false after
+// site.timeout_ns, or early once any wait of this rank has failed (the transport is then
+// unusable and later calls must not each wait the full timeout). `peer` and `call` (the call's
+// sequence number) go into the error record.
+template <class Poll>
+__device__ __forceinline__ bool wait_until(const Poll& poll, const WaitSite& site, int peer,
+                                           long long call) {
+  if (poll()) return true;
   const unsigned long long start = globaltimer_ns();
   for (unsigned iter = 1;; ++iter) {
-    if (ld_relaxed_sys(flag) >= expected) return ld_acquire_sys(flag) >= expected;
+    if (poll()) return true;
     if ((iter & 255u) == 0) {
       if (ld_volatile(&site.err->code) != 0) return false;
       if (globaltimer_ns() - start > (unsigned long long)site.timeout_ns) {
@@ -127,6 +129,15 @@ __device__ __forceinline__ bool wait_flag_geq(const unsigned long long* flag,
       }
     }
   }
+}
+
+// Spin (bounded, as wait_until) until *flag >= expected, polling with acquire loads at system
+// scope: the load that sees the value is the acquire, with no second dependent load after it.
+// `call` is the call's sequence number for the error record, when `expected` is not it.
+__device__ __forceinline__ bool wait_flag_geq(const unsigned long long* flag,
+                                              unsigned long long expected, const WaitSite& site,
+                                              int peer, long long call) {
+  return wait_until([=] { return ld_acquire_sys(flag) >= expected; }, site, peer, call);
 }
 
 __device__ __forceinline__ bool wait_flag_geq(const unsigned long long* flag,

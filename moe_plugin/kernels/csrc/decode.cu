@@ -4,9 +4,10 @@
 // experts, straight into row [me*Tmax + i] of d's receive buffer (i = the token's position
 // among this sender's tokens bound for d), with its local expert ids / weights (and fp8
 // scales), marks the rows of its region at d that its previous call on these buffers filled
-// and this one does not as padding, and writes its row count; every sending block then
-// fences and adds 1 to flag (slot, me) at every d, on every call. The receiver is done once
-// its R flags reach seq * blocks (acquire): it only reads the counts.
+// and this one does not as padding, and writes its count word (the call's sequence number
+// beside its row count); every sending block then fences and adds 1 to flag (slot, me) at
+// every d, on every call. The receiver is done once its R flags reach seq * blocks (acquire)
+// and its R count words carry seq: one thread per peer polls both at once.
 // Combine: rank e stores row [s*Tmax + i] of y into row [e*Tmax + i] of source s's combine
 // buffer and signals s the same way; the source sums a token's rows in fp32, in rank order.
 //
@@ -53,7 +54,7 @@ struct Dims {
 // Byte offsets of one (slot, parity): symmetric ones are equal on every rank.
 struct Offsets {
   long long dispatch_flags, combine_flags;              // u64 [R], per slot
-  long long counts, recv_x, recv_scales, recv_idx, recv_w, comb;  // per parity
+  long long counts, recv_x, recv_scales, recv_idx, recv_w, comb;  // per parity; counts u64 [R]
   long long counters;                                     // local, per slot
   long long recv_counts, pos, padded;                     // local, per parity
 };
@@ -80,7 +81,7 @@ Layout make_layout(const Dims& d) {
       o.combine_flags = cflags;
       o.counters = counters;
       o.counts = sym;
-      sym = align_up(sym + 4LL * d.R);
+      sym = align_up(sym + 8LL * d.R);
       o.recv_x = sym;
       sym = align_up(sym + rows * d.row_bytes);
       o.recv_scales = sym;
@@ -142,51 +143,90 @@ __device__ __forceinline__ unsigned long long call_seq(const unsigned long long*
          ((phases & kPhaseSend) ? 1 : 0);
 }
 
-// Called by every block of a send half once it has read (and used) the slot's local state:
-// true in thread 0 of the last block to arrive, which may then update that state for the
-// next launch (no fence: the next launch reads it). Resets the arrival count.
-__device__ __forceinline__ bool last_to_arrive(unsigned* arrivals) {
-  __syncthreads();
-  if (threadIdx.x != 0 || atomicAdd(arrivals, 1u) != gridDim.x - 1) return false;
-  *arrivals = 0;
-  return true;
-}
-
 __device__ __forceinline__ SlotCounters* counters_of(const Params& p) {
   return reinterpret_cast<SlotCounters*>(p.local_state + p.off.counters);
 }
 
-// Tell every peer this block's stores of the call are done: thread d fences (covering the
-// block's stores, ordered before it by the barrier) and adds 1 to flag `me` at peer d. A
+// The warp whose lanes d < R signal the peers: not warp 0, which waits next, since a fence
+// stalls only the warp that runs it.
+constexpr int kSignalWarp = 1;
+
+// Every block of a send half calls this once it has issued its stores of the call and is done
+// reading the slot's local state. After a barrier, lane d < R of kSignalWarp fences (covering
+// the block's stores, ordered before it by the barrier) and adds 1 to flag `me` at peer d: a
 // receiver has all of a call's data once the flag reaches seq * (blocks per send half).
-__device__ __forceinline__ void signal_peers(const Params& p, char* const* peers,
-                                             long long flags_off) {
+// Returns true in one thread of the last block to arrive, which may then update the slot's
+// local state for the next launch (no fence: the next launch reads it); resets the count.
+__device__ __forceinline__ bool finish_send(const Params& p, char* const* peers,
+                                            long long flags_off, unsigned* arrivals) {
   __syncthreads();
-  if (threadIdx.x < p.dims.R) {
+  const int d = (int)threadIdx.x - 32 * kSignalWarp;
+  if (d >= 0 && d < p.dims.R) {
     fence_acq_rel_sys();
-    red_add_sys(reinterpret_cast<unsigned long long*>(peers[threadIdx.x] + flags_off) +
-                    p.dims.rank,
-                1);
+    red_add_sys(reinterpret_cast<unsigned long long*>(peers[d] + flags_off) + p.dims.rank, 1);
   }
+  if (threadIdx.x != blockDim.x - 1 || atomicAdd(arrivals, 1u) != gridDim.x - 1) return false;
+  *arrivals = 0;
+  return true;
 }
 
-// Threads 0..R-1 each wait for one peer's flag; the block then sees every peer's data.
-// Returns (to all threads) the set of peers whose flag arrived, as a bitmask.
+// Lanes s < R of warp 0 each wait for peer s's flag. Returns (to all threads, after a
+// barrier) the set of peers whose flag arrived, as a bitmask.
 __device__ __forceinline__ unsigned wait_all_flags(const Params& p, long long flags_off,
                                                    unsigned long long seq, int phase) {
   __shared__ unsigned arrived;
-  if (threadIdx.x == 0) arrived = 0;
-  __syncthreads();
-  if (threadIdx.x < p.dims.R) {
-    const WaitSite site{p.err, p.timeout_ns, p.dims.rank, phase, p.slot};
-    const auto* flag = reinterpret_cast<const unsigned long long*>(
-                           p.peers[p.dims.rank] + flags_off) + threadIdx.x;
-    if (wait_flag_geq(flag, seq * (unsigned long long)p.send_blocks, site, threadIdx.x,
-                      (long long)seq))
-      atomicOr(&arrived, 1u << threadIdx.x);
+  if (threadIdx.x < 32) {
+    bool ok = false;
+    if ((int)threadIdx.x < p.dims.R) {
+      const WaitSite site{p.err, p.timeout_ns, p.dims.rank, phase, p.slot};
+      const auto* flag = reinterpret_cast<const unsigned long long*>(
+                             p.peers[p.dims.rank] + flags_off) + threadIdx.x;
+      ok = wait_flag_geq(flag, seq * (unsigned long long)p.send_blocks, site, threadIdx.x,
+                         (long long)seq);
+    }
+    const unsigned mask = __ballot_sync(0xffffffffu, ok);
+    if (threadIdx.x == 0) arrived = mask;
   }
   __syncthreads();
   return arrived;
+}
+
+// A sender's count word for its call `seq`: the sequence number's low 32 bits above the row
+// count, so the receiver gets the count from the load that tells it the word is current.
+__device__ __forceinline__ unsigned long long count_word(unsigned long long seq, int rows) {
+  return ((unsigned long long)(unsigned)seq << 32) | (unsigned)rows;
+}
+
+// Whether a count word is from call `seq` or later, comparing sequence numbers modulo 2^32
+// (words of earlier calls are a few calls behind; a peer is at most one call ahead).
+__device__ __forceinline__ bool count_is_current(unsigned long long word,
+                                                 unsigned long long seq) {
+  return (int)((unsigned)(word >> 32) - (unsigned)seq) >= 0;
+}
+
+// The receive half of a dispatch, in one block: lane s < R of warp 0 waits until peer s's
+// flag reaches seq * blocks and its count word is current, loading both in each poll, then
+// stores the rows received from s (0 when the wait gave up).
+__device__ __forceinline__ void receive_counts(const Params& p, unsigned long long seq) {
+  const Dims& d = p.dims;
+  const int s = threadIdx.x;
+  if (s >= d.R) return;
+  const char* local = p.peers[d.rank];
+  const auto* flag =
+      reinterpret_cast<const unsigned long long*>(local + p.off.dispatch_flags) + s;
+  const auto* word = reinterpret_cast<const unsigned long long*>(local + p.off.counts) + s;
+  const unsigned long long want = seq * (unsigned long long)p.send_blocks;
+  const WaitSite site{p.err, p.timeout_ns, d.rank, MOE_PHASE_DECODE_DISPATCH, p.slot};
+  unsigned long long w = 0;
+  // The word's plain load is issued first, so it is in flight beside the flag's acquire.
+  const bool ok = wait_until(
+      [&] {
+        w = ld_relaxed_sys(word);
+        return ld_acquire_sys(flag) >= want && count_is_current(w, seq);
+      },
+      site, s, (long long)seq);
+  const int n = ok ? (int)(unsigned)w : 0;
+  reinterpret_cast<int*>(p.local_state + p.off.recv_counts)[s] = min(max(n, 0), d.Tmax);
 }
 
 // This thread's expert ids [j0, j0 + kIdBatch * kThreads) of a chunk of nk ids (-1 past
@@ -380,25 +420,16 @@ __global__ void __launch_bounds__(kThreads, 2) decode_dispatch_kernel(const Para
     __syncthreads();
     mark_padding(p, peers, sent, end);
     if (blockIdx.x == 0 && tid < R)
-      reinterpret_cast<int*>(peers[tid] + p.off.counts)[d.rank] = sent[tid];
-    signal_peers(p, peers, p.off.dispatch_flags);
-    if (last_to_arrive(&counters->dispatch_arrivals)) {
+      st_relaxed_sys(reinterpret_cast<unsigned long long*>(peers[tid] + p.off.counts) + d.rank,
+                     count_word(seq, sent[tid]));
+    if (finish_send(p, peers, p.off.dispatch_flags, &counters->dispatch_arrivals)) {
       for (int r = 0; r < R; ++r) padded[r] = d.Tmax - sent[r];
       counters->dispatch_seq = seq;
     }
   }
 
   // The receive half only reads the counts: one block waits for them.
-  if ((p.phases & kPhaseRecv) && blockIdx.x == 0) {
-    const unsigned arrived = wait_all_flags(p, p.off.dispatch_flags, seq,
-                                            MOE_PHASE_DECODE_DISPATCH);
-    if (tid < R) {
-      const int* counts = reinterpret_cast<const int*>(peers[d.rank] + p.off.counts);
-      const int n = (arrived >> tid) & 1 ? ld_acquire_sys(counts + tid) : 0;
-      reinterpret_cast<int*>(p.local_state + p.off.recv_counts)[tid] =
-          min(max(n, 0), d.Tmax);
-    }
-  }
+  if ((p.phases & kPhaseRecv) && blockIdx.x == 0) receive_counts(p, seq);
 }
 
 __device__ __forceinline__ void add_bf16x8(float* acc, int4 v) {
@@ -497,8 +528,8 @@ __global__ void __launch_bounds__(kThreads, R < 8 ? 2 : 1)
       store_segment(reinterpret_cast<int4*>(peers[s] + p.off.comb + dst_row * row_bytes) + start,
                     v, h16 - start, lane);
     }
-    signal_peers(p, peers, p.off.combine_flags);
-    if (last_to_arrive(&counters->combine_arrivals)) counters->combine_seq = seq;
+    if (finish_send(p, peers, p.off.combine_flags, &counters->combine_arrivals))
+      counters->combine_seq = seq;
   }
 
   if (p.phases & kPhaseRecv) {

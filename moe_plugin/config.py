@@ -43,8 +43,10 @@ class PluginSettings:
     def parse(cls, raw: Mapping[str, Any]) -> PluginSettings:
         """Settings from the `moe_plugin` mapping; ValueError on an unknown key or bad value."""
         if not isinstance(raw, Mapping):
-            raise ValueError(f"additional_config['{CONFIG_KEY}'] must be a JSON object, "
-                             f"got {type(raw).__name__}; {_valid_keys_text()}")
+            raise ValueError(
+                f"additional_config['{CONFIG_KEY}'] must be a JSON object, "
+                f"got {type(raw).__name__}; {_valid_keys_text()}"
+            )
         unknown = sorted(set(raw) - set(_FIELD_NAMES))
         if unknown:
             raise ValueError(f"unknown {CONFIG_KEY} key(s) {unknown}; {_valid_keys_text()}")
@@ -55,8 +57,10 @@ class PluginSettings:
         _check_number(values, "num_sms", int, minimum=1)
         _check_number(values, "timeout_s", float, minimum=0.0, exclusive=True)
         if values.get("num_sms") is not None and values.get("transport", "bundled") != "bundled":
-            raise ValueError(f"{CONFIG_KEY}.num_sms applies to the bundled transport only, "
-                             f"but transport is {values['transport']!r}")
+            raise ValueError(
+                f"{CONFIG_KEY}.num_sms applies to the bundled transport only, "
+                f"but transport is {values['transport']!r}"
+            )
         return cls(**values)
 
     @classmethod
@@ -103,12 +107,12 @@ def _valid_keys_text() -> str:
 
 def _check_choice(values: dict[str, Any], key: str, choices: tuple[str, ...]) -> None:
     if key in values and values[key] not in choices:
-        raise ValueError(f"{CONFIG_KEY}.{key} must be one of {list(choices)}, "
-                         f"got {values[key]!r}")
+        raise ValueError(f"{CONFIG_KEY}.{key} must be one of {list(choices)}, got {values[key]!r}")
 
 
-def _check_number(values: dict[str, Any], key: str, kind: type, *, minimum: float,
-                  exclusive: bool = False) -> None:
+def _check_number(
+    values: dict[str, Any], key: str, kind: type, *, minimum: float, exclusive: bool = False
+) -> None:
     """Accept an int (or, for float keys, any real number) within bounds; bools are not
     numbers here."""
     if key not in values:

@@ -29,8 +29,9 @@ def default_nprocs() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 4
 
 
-def run_workers(fn: Worker, nprocs: int, *args: Any, backend: str | None = None,
-                timeout_s: float = 600.0) -> list[Any]:
+def run_workers(
+    fn: Worker, nprocs: int, *args: Any, backend: str | None = None, timeout_s: float = 600.0
+) -> list[Any]:
     """Call `fn(rank, world_size, *args)` on `nprocs` spawned processes and return the
     values they return, indexed by rank.
 
@@ -60,15 +61,17 @@ def run_workers(fn: Worker, nprocs: int, *args: Any, backend: str | None = None,
                 out[rank] = value
             if len(out) == nprocs:
                 break
-            dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)
-                    and r not in out]
+            dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in out]
             if dead and results.empty():
-                raise RuntimeError(f"ranks {dead} of {nprocs} exited with codes "
-                                   f"{[procs[r].exitcode for r in dead]} and no result")
+                raise RuntimeError(
+                    f"ranks {dead} of {nprocs} exited with codes "
+                    f"{[procs[r].exitcode for r in dead]} and no result"
+                )
             if time.monotonic() > deadline:
                 missing = sorted(set(range(nprocs)) - set(out))
-                raise TimeoutError(f"ranks {missing} of {nprocs} did not finish within "
-                                   f"{timeout_s:.0f} s")
+                raise TimeoutError(
+                    f"ranks {missing} of {nprocs} did not finish within {timeout_s:.0f} s"
+                )
             time.sleep(0.05)
     finally:
         for p in procs:
@@ -79,17 +82,30 @@ def run_workers(fn: Worker, nprocs: int, *args: Any, backend: str | None = None,
     return [out[r] for r in range(nprocs)]
 
 
-def _worker_main(fn: Worker, rank: int, world_size: int, port: int, backend: str,
-                 results: Any, args: tuple[Any, ...]) -> None:
+def _worker_main(
+    fn: Worker,
+    rank: int,
+    world_size: int,
+    port: int,
+    backend: str,
+    results: Any,
+    args: tuple[Any, ...],
+) -> None:
     import traceback
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+    )
     try:
         if backend == "nccl":
             torch.cuda.set_device(rank)
-            dist.init_process_group(backend, rank=rank, world_size=world_size,
-                                    device_id=torch.device("cuda", rank))
+            dist.init_process_group(
+                backend, rank=rank, world_size=world_size, device_id=torch.device("cuda", rank)
+            )
         else:
             dist.init_process_group(backend, rank=rank, world_size=world_size)
         value = fn(rank, world_size, *args)

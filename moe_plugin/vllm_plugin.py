@@ -52,9 +52,13 @@ def register() -> None:
     """Install the prepare/finalize factory wrapper (idempotent; see the module docstring)."""
     version = _vllm_version()
     if not _version_supported(version):
-        logger.warning("moe_plugin needs vLLM >= %s, found %s: the plugin is off and "
-                       "additional_config['%s'] is ignored", MIN_VLLM_VERSION, version,
-                       CONFIG_KEY)
+        logger.warning(
+            "moe_plugin needs vLLM >= %s, found %s: the plugin is off and "
+            "additional_config['%s'] is ignored",
+            MIN_VLLM_VERSION,
+            version,
+            CONFIG_KEY,
+        )
         return
     module = sys.modules.get(FACTORY_MODULE)
     if module is not None:
@@ -63,8 +67,9 @@ def register() -> None:
         sys.meta_path.insert(0, _PatchOnImport())
 
 
-def make_prepare_finalize(moe: Any, quant_config: Any, *, use_monolithic: bool = False,
-                          vllm_config: Any = None) -> Any:
+def make_prepare_finalize(
+    moe: Any, quant_config: Any, *, use_monolithic: bool = False, vllm_config: Any = None
+) -> Any:
     """Our prepare/finalize for the MoE layer `moe` (vLLM's FusedMoEConfig), or None when
     the plugin is off for it. `vllm_config` defaults to vLLM's current config.
 
@@ -79,27 +84,38 @@ def make_prepare_finalize(moe: Any, quant_config: Any, *, use_monolithic: bool =
         return None
     reason = _unsupported_reason(moe, use_monolithic)
     if reason:
-        _log_once(logging.WARNING,
-                  f"moe_plugin: {reason}; such layers keep vLLM's own prepare/finalize")
+        _log_once(
+            logging.WARNING, f"moe_plugin: {reason}; such layers keep vLLM's own prepare/finalize"
+        )
         return None
 
     from moe_plugin.prepare_finalize import PREPARE_FINALIZE_CLASSES
     from moe_plugin.transport import TransportSpec
 
-    if settings.max_tokens_per_rank is not None and \
-            settings.max_tokens_per_rank < moe.max_num_tokens:
+    if (
+        settings.max_tokens_per_rank is not None
+        and settings.max_tokens_per_rank < moe.max_num_tokens
+    ):
         raise ValueError(
             f"{CONFIG_KEY}.max_tokens_per_rank ({settings.max_tokens_per_rank}) is smaller "
             f"than the {moe.max_num_tokens} tokens a rank may run per step "
-            "(--max-num-batched-tokens): raise it, or lower --max-num-batched-tokens")
+            "(--max-num-batched-tokens): raise it, or lower --max-num-batched-tokens"
+        )
     mode = settings.resolve_mode(_cuda_graphs_enabled(vllm_config))
     spec = TransportSpec(
         max_tokens_per_rank=settings.max_tokens_per_rank or moe.max_num_tokens,
-        hidden=moe.hidden_dim, num_topk=moe.experts_per_token, num_experts=moe.num_experts)
-    prepare_finalize = PREPARE_FINALIZE_CLASSES[mode](_pool(settings, mode), spec,
-                                                      quant_config, moe)
-    _log_once(logging.INFO, f"moe_plugin: {type(prepare_finalize).__name__} over the "
-              f"{settings.transport} transport (max {spec.max_tokens_per_rank} tokens per rank)")
+        hidden=moe.hidden_dim,
+        num_topk=moe.experts_per_token,
+        num_experts=moe.num_experts,
+    )
+    prepare_finalize = PREPARE_FINALIZE_CLASSES[mode](
+        _pool(settings, mode), spec, quant_config, moe
+    )
+    _log_once(
+        logging.INFO,
+        f"moe_plugin: {type(prepare_finalize).__name__} over the "
+        f"{settings.transport} transport (max {spec.max_tokens_per_rank} tokens per rank)",
+    )
     return prepare_finalize
 
 
@@ -134,8 +150,11 @@ def _wrap(original: Callable[..., Any]) -> Callable[..., Any]:
         # exchanges tokens outside the kernel (releases without the argument all take it).
         if not arguments.get("allow_new_interface", True):
             return original(*args, **kwargs)
-        ours = make_prepare_finalize(arguments["moe"], arguments.get("quant_config"),
-                                     use_monolithic=bool(arguments.get("use_monolithic")))
+        ours = make_prepare_finalize(
+            arguments["moe"],
+            arguments.get("quant_config"),
+            use_monolithic=bool(arguments.get("use_monolithic")),
+        )
         return ours if ours is not None else original(*args, **kwargs)
 
     setattr(maybe_make_prepare_finalize, _WRAPPED, original)
@@ -145,15 +164,19 @@ def _wrap(original: Callable[..., Any]) -> Callable[..., Any]:
 class _PatchOnImport(importlib.abc.MetaPathFinder):
     """Patches vLLM's factory module right after it is first imported."""
 
-    def find_spec(self, fullname: str, path: Sequence[str] | None,
-                  target: ModuleType | None = None) -> importlib.machinery.ModuleSpec | None:
+    def find_spec(
+        self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
+    ) -> importlib.machinery.ModuleSpec | None:
         if fullname != FACTORY_MODULE:
             return None
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
                 continue
-            spec = finder.find_spec(fullname, path, target) if target is not None \
+            spec = (
+                finder.find_spec(fullname, path, target)
+                if target is not None
                 else finder.find_spec(fullname, path)
+            )
             if spec is not None:
                 if spec.loader is not None:
                     spec.loader = _PatchingLoader(spec.loader)
@@ -205,8 +228,10 @@ def _unsupported_reason(moe: Any, use_monolithic: bool) -> str | None:
 
     parallel = moe.moe_parallel_config
     if parallel.all2all_backend != SUPPORTED_ALL2ALL_BACKEND:
-        return (f"the plugin replaces --all2all-backend {SUPPORTED_ALL2ALL_BACKEND}, "
-                f"got {parallel.all2all_backend}")
+        return (
+            f"the plugin replaces --all2all-backend {SUPPORTED_ALL2ALL_BACKEND}, "
+            f"got {parallel.all2all_backend}"
+        )
     if use_monolithic:
         return "the layer's experts are monolithic (they route internally)"
     if parallel.is_sequence_parallel or parallel.pcp_size > 1:
@@ -214,8 +239,10 @@ def _unsupported_reason(moe: Any, use_monolithic: bool) -> str | None:
     if moe.in_dtype != torch.bfloat16:
         return f"activations are {moe.in_dtype}, the transports carry bf16 (or fp8)"
     if moe.num_experts != moe.num_local_experts * parallel.ep_size:
-        return (f"{moe.num_experts} experts do not split evenly as {moe.num_local_experts} "
-                f"per rank over {parallel.ep_size} ranks")
+        return (
+            f"{moe.num_experts} experts do not split evenly as {moe.num_local_experts} "
+            f"per rank over {parallel.ep_size} ranks"
+        )
     return None
 
 
@@ -231,7 +258,7 @@ def _pool(settings: PluginSettings, mode: str) -> Any:
     """The transport pool for `settings` and `mode` on vLLM's expert-parallel group."""
     from vllm.distributed import get_ep_group
 
-    from moe_plugin.prepare_finalize import TransportPool
+    from moe_plugin.transport import TransportPool
 
     group = get_ep_group().device_group
     kwargs = settings.transport_kwargs(mode)

@@ -60,9 +60,15 @@ class Expected:
     per_expert: list[int] | None = None
 
 
-def random_case(rng: random.Random, world_size: int, *, topk: int | None = None,
-                dtype: torch.dtype | None = None, routing: str | None = None,
-                zero_rank_chance: float = 0.25) -> Case:
+def random_case(
+    rng: random.Random,
+    world_size: int,
+    *,
+    topk: int | None = None,
+    dtype: torch.dtype | None = None,
+    routing: str | None = None,
+    zero_rank_chance: float = 0.25,
+) -> Case:
     """A random small case; `topk`, `dtype`, `routing` are drawn when not given."""
     topk = topk if topk is not None else rng.choice([1, 2, 4, 8, 32])
     dtype = dtype if dtype is not None else rng.choice([torch.bfloat16, torch.float8_e4m3fn])
@@ -70,13 +76,19 @@ def random_case(rng: random.Random, world_size: int, *, topk: int | None = None,
     num_experts = world_size * local
     hidden = rng.choice([128, 256]) if dtype == torch.float8_e4m3fn else rng.choice([8, 64, 136])
     tmax = rng.randint(1, 24)
-    tokens = tuple(0 if rng.random() < zero_rank_chance else rng.randint(1, tmax)
-                   for _ in range(world_size))
-    spec = TransportSpec(max_tokens_per_rank=tmax, hidden=hidden, num_topk=topk,
-                         num_experts=num_experts, dtype=dtype)
-    return Case(spec=spec, world_size=world_size, tokens=tokens,
-                routing=routing if routing is not None else rng.choice(ROUTINGS[:4]),
-                seed=rng.randrange(1 << 30))
+    tokens = tuple(
+        0 if rng.random() < zero_rank_chance else rng.randint(1, tmax) for _ in range(world_size)
+    )
+    spec = TransportSpec(
+        max_tokens_per_rank=tmax, hidden=hidden, num_topk=topk, num_experts=num_experts, dtype=dtype
+    )
+    return Case(
+        spec=spec,
+        world_size=world_size,
+        tokens=tokens,
+        routing=routing if routing is not None else rng.choice(ROUTINGS[:4]),
+        seed=rng.randrange(1 << 30),
+    )
 
 
 def make_inputs(case: Case) -> list[RankInputs]:
@@ -96,8 +108,9 @@ def _rank_inputs(case: Case, rank: int) -> RankInputs:
         x_scales = torch.rand(tokens, spec.num_scales, generator=gen) + 0.5
     else:
         x = values.to(spec.dtype)
-    topk_idx = torch.tensor([_route(case, rng) for _ in range(tokens)],
-                            dtype=torch.int64).view(tokens, spec.num_topk)
+    topk_idx = torch.tensor([_route(case, rng) for _ in range(tokens)], dtype=torch.int64).view(
+        tokens, spec.num_topk
+    )
     topk_weights = torch.rand(tokens, spec.num_topk, generator=gen)
     return RankInputs(x=x, x_scales=x_scales, topk_idx=topk_idx, topk_weights=topk_weights)
 
@@ -175,8 +188,7 @@ def expected_tokens(case: Case, inputs: list[RankInputs], rank: int) -> Expected
     return Expected(recv_x, recv_scales, recv_idx, recv_w, counts, valid)
 
 
-def expected_pairs(case: Case, inputs: list[RankInputs], rank: int, alignment: int
-                   ) -> Expected:
+def expected_pairs(case: Case, inputs: list[RankInputs], rank: int, alignment: int) -> Expected:
     """Expanded receive of `rank`: one row per (token, choice) on this rank, grouped by local
     expert, in (source, token, choice) order, each segment padded to `alignment`."""
     spec = case.spec
@@ -229,8 +241,9 @@ def dequantize(x: torch.Tensor, x_scales: torch.Tensor | None) -> torch.Tensor:
     return x.float() * x_scales.repeat_interleave(SCALE_BLOCK, dim=1)
 
 
-def expert_output(x: torch.Tensor, x_scales: torch.Tensor | None, global_ids: torch.Tensor,
-                  weights: torch.Tensor) -> torch.Tensor:
+def expert_output(
+    x: torch.Tensor, x_scales: torch.Tensor | None, global_ids: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
     """bf16 [M, H]: row m = sum over j of weights[m, j] * expert(global_ids[m, j]) applied to
     row m, skipping ids -1, summed in fp32 in j order. Rows with no id are NaN: combine must
     never read them."""
@@ -245,15 +258,14 @@ def expert_output(x: torch.Tensor, x_scales: torch.Tensor | None, global_ids: to
     return out
 
 
-def to_global(recv_topk_idx: torch.Tensor, rank: int, num_local_experts: int
-              ) -> torch.Tensor:
+def to_global(recv_topk_idx: torch.Tensor, rank: int, num_local_experts: int) -> torch.Tensor:
     """Received local ids -> global ids (-1 kept)."""
-    return torch.where(recv_topk_idx >= 0, recv_topk_idx + rank * num_local_experts,
-                       recv_topk_idx)
+    return torch.where(recv_topk_idx >= 0, recv_topk_idx + rank * num_local_experts, recv_topk_idx)
 
 
-def expected_combine(case: Case, inputs: list[RankInputs], rank: int, expand: bool
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def expected_combine(
+    case: Case, inputs: list[RankInputs], rank: int, expand: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out bf16, dense fp32, fp32 bound) for `rank`'s tokens when every expert side
     returns `expert_output` of what it received.
 
@@ -272,9 +284,9 @@ def expected_combine(case: Case, inputs: list[RankInputs], rank: int, expand: bo
     bound = torch.zeros(tokens, 1)
     id_lists = idx.tolist()
     for t in range(tokens):
-        x_t = inp.x[t:t + 1]
-        s_t = None if inp.x_scales is None else inp.x_scales[t:t + 1]
-        ids, w = idx[t:t + 1], inp.topk_weights[t:t + 1]
+        x_t = inp.x[t : t + 1]
+        s_t = None if inp.x_scales is None else inp.x_scales[t : t + 1]
+        ids, w = idx[t : t + 1], inp.topk_weights[t : t + 1]
         chosen = [k for k, i in enumerate(id_lists[t]) if i >= 0]
         if expand:
             groups = [[k] for k in chosen]
@@ -289,7 +301,7 @@ def expected_combine(case: Case, inputs: list[RankInputs], rank: int, expand: bo
         coef = torch.where(valid, w[0] * expert_scale(ids[0].clamp(min=0)), 0.0)
         terms = coef[:, None] * dequantize(x_t, s_t)
         dense[t] = terms.sum(dim=0)
-        bound[t] = terms.abs().sum() * 2.0 ** -7 + 1e-6
+        bound[t] = terms.abs().sum() * 2.0**-7 + 1e-6
     return out.to(torch.bfloat16), dense, bound
 
 
@@ -301,22 +313,33 @@ def compare_dispatch(result: DispatchResult, expected: Expected, what: str) -> l
     exp = expected
     got_x = result.recv_x.cpu()
     if got_x.shape != exp.recv_x.shape or got_x.dtype != exp.recv_x.dtype:
-        return [f"{what}: recv_x is {got_x.dtype}{list(got_x.shape)}, expected "
-                f"{exp.recv_x.dtype}{list(exp.recv_x.shape)}"]
+        return [
+            f"{what}: recv_x is {got_x.dtype}{list(got_x.shape)}, expected "
+            f"{exp.recv_x.dtype}{list(exp.recv_x.shape)}"
+        ]
     rows = exp.valid.nonzero().flatten()
-    _exact(errors, f"{what}: recv_x rows", got_x.view(torch.uint8)[rows],
-           exp.recv_x.view(torch.uint8)[rows])
+    _exact(
+        errors,
+        f"{what}: recv_x rows",
+        got_x.view(torch.uint8)[rows],
+        exp.recv_x.view(torch.uint8)[rows],
+    )
     if exp.recv_scales is None:
         if result.recv_scales is not None:
             errors.append(f"{what}: recv_scales given for a bf16 payload")
     elif result.recv_scales is None:
         errors.append(f"{what}: recv_scales missing for an fp8 payload")
     else:
-        _exact(errors, f"{what}: recv_scales rows", result.recv_scales.cpu()[rows],
-               exp.recv_scales[rows])
+        _exact(
+            errors,
+            f"{what}: recv_scales rows",
+            result.recv_scales.cpu()[rows],
+            exp.recv_scales[rows],
+        )
     _exact(errors, f"{what}: recv_topk_idx", result.recv_topk_idx.cpu(), exp.recv_topk_idx)
-    _exact(errors, f"{what}: recv_topk_weights", result.recv_topk_weights.cpu(),
-           exp.recv_topk_weights)
+    _exact(
+        errors, f"{what}: recv_topk_weights", result.recv_topk_weights.cpu(), exp.recv_topk_weights
+    )
     handle = result.handle
     counts = handle.recv_counts
     if counts.dtype != torch.int32 or counts.device != result.recv_x.device:
@@ -325,48 +348,61 @@ def compare_dispatch(result: DispatchResult, expected: Expected, what: str) -> l
         errors.append(f"{what}: recv_counts {counts.cpu().tolist()} != {exp.recv_counts}")
     if exp.per_expert is not None:
         if handle.num_recv_tokens_per_expert != exp.per_expert:
-            errors.append(f"{what}: num_recv_tokens_per_expert "
-                          f"{handle.num_recv_tokens_per_expert} != {exp.per_expert}")
+            errors.append(
+                f"{what}: num_recv_tokens_per_expert "
+                f"{handle.num_recv_tokens_per_expert} != {exp.per_expert}"
+            )
         device_list = handle.num_recv_tokens_per_expert_device
         if device_list is None or device_list.cpu().tolist() != exp.per_expert:
-            errors.append(f"{what}: num_recv_tokens_per_expert_device {device_list} != "
-                          f"{exp.per_expert}")
+            errors.append(
+                f"{what}: num_recv_tokens_per_expert_device {device_list} != {exp.per_expert}"
+            )
     return errors
 
 
-def compare_combine(out: torch.Tensor, expected: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-                    what: str) -> list[str]:
+def compare_combine(
+    out: torch.Tensor, expected: tuple[torch.Tensor, torch.Tensor, torch.Tensor], what: str
+) -> list[str]:
     """Mismatches between a combine output and `expected_combine`: within one bf16 step of
     the reference sum, and within the bf16 rounding bound of the dense fp32 MoE."""
     ref, dense, bound = expected
     got = out.cpu()
     if got.dtype != torch.bfloat16 or got.shape != ref.shape:
-        return [f"{what}: combine output is {got.dtype}{list(got.shape)}, expected "
-                f"bfloat16{list(ref.shape)}"]
+        return [
+            f"{what}: combine output is {got.dtype}{list(got.shape)}, expected "
+            f"bfloat16{list(ref.shape)}"
+        ]
     errors: list[str] = []
     got32, ref32 = got.float(), ref.float()
     if not torch.isfinite(got32).all():
         errors.append(f"{what}: combine output holds non-finite values")
-    step = ref32.abs() * 2.0 ** -7 + 1e-6
+    step = ref32.abs() * 2.0**-7 + 1e-6
     off = (got32 - ref32).abs() > step
     if off.any():
         t = int(off.any(dim=1).nonzero()[0])
-        errors.append(f"{what}: combine differs from the reference sum on "
-                      f"{int(off.any(dim=1).sum())} tokens (first {t}: "
-                      f"{got32[t][off[t]][:4].tolist()} vs {ref32[t][off[t]][:4].tolist()})")
-    far = (got32 - dense).abs() > bound + dense.abs() * 2.0 ** -8
+        errors.append(
+            f"{what}: combine differs from the reference sum on "
+            f"{int(off.any(dim=1).sum())} tokens (first {t}: "
+            f"{got32[t][off[t]][:4].tolist()} vs {ref32[t][off[t]][:4].tolist()})"
+        )
+    far = (got32 - dense).abs() > bound + dense.abs() * 2.0**-8
     if far.any():
-        errors.append(f"{what}: combine is off the dense fp32 sum by more than bf16 "
-                      f"rounding on {int(far.any(dim=1).sum())} tokens")
+        errors.append(
+            f"{what}: combine is off the dense fp32 sum by more than bf16 "
+            f"rounding on {int(far.any(dim=1).sum())} tokens"
+        )
     return errors
 
 
 def _exact(errors: list[str], what: str, got: torch.Tensor, want: torch.Tensor) -> None:
     if got.shape != want.shape or got.dtype != want.dtype:
-        errors.append(f"{what}: got {got.dtype}{list(got.shape)}, expected "
-                      f"{want.dtype}{list(want.shape)}")
+        errors.append(
+            f"{what}: got {got.dtype}{list(got.shape)}, expected {want.dtype}{list(want.shape)}"
+        )
     elif not torch.equal(got, want):
-        bad = (got != want)
+        bad = got != want
         first = bad.nonzero()[0].tolist()
-        errors.append(f"{what}: {int(bad.sum())} elements differ (first at {first}: "
-                      f"{got[tuple(first)].item()} vs {want[tuple(first)].item()})")
+        errors.append(
+            f"{what}: {int(bad.sum())} elements differ (first at {first}: "
+            f"{got[tuple(first)].item()} vs {want[tuple(first)].item()})"
+        )

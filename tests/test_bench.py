@@ -20,12 +20,30 @@ TINY = ["--hidden", "256", "--num-experts", "8", "--topk", "3"]
 
 
 @pytest.mark.timeout(300)
-def test_cpu_run_writes_table_json_and_plot(tmp_path: Path,
-                                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_cpu_run_writes_table_json_and_plot(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "bench"
     transports = "torch" if torch.cuda.is_available() else "torch,bundled"
-    rc = main(["--nprocs", "2", *TINY, "--decode-tokens", "1,8", "--prefill-tokens", "32",
-               "--iters", "3", "--warmup", "1", "--transports", transports, "--out", str(out)])
+    rc = main(
+        [
+            "--nprocs",
+            "2",
+            *TINY,
+            "--decode-tokens",
+            "1,8",
+            "--prefill-tokens",
+            "32",
+            "--iters",
+            "3",
+            "--warmup",
+            "1",
+            "--transports",
+            transports,
+            "--out",
+            str(out),
+        ]
+    )
     printed = capsys.readouterr().out
     assert rc == 0, printed
     for mode in ("decode", "prefill"):
@@ -42,11 +60,11 @@ def test_cpu_run_writes_table_json_and_plot(tmp_path: Path,
     assert len(torch_rows) == (2 + 1) * 2 * 2
     for r in torch_rows:
         assert r["status"] == "ok", r["status"]
-        assert len(r["eager_samples_us"]) == 2 and all(len(s) == 3 for s in
-                                                       r["eager_samples_us"])
+        assert len(r["eager_samples_us"]) == 2 and all(len(s) == 3 for s in r["eager_samples_us"])
         # Samples are stored rounded to 1e-3 us.
-        assert r["eager_us"] == pytest.approx(max(sorted(s)[1] for s in r["eager_samples_us"]),
-                                              abs=1e-3)
+        assert r["eager_us"] == pytest.approx(
+            max(sorted(s)[1] for s in r["eager_samples_us"]), abs=1e-3
+        )
         assert r["time_us"] > 0 and r["gbps"] > 0
         assert r["time_kind"] == "eager" and r["time_us"] == r["eager_us"]
         assert (r["hidden"], r["num_experts"], r["num_topk"]) == (256, 8, 3)
@@ -94,21 +112,41 @@ def test_fp8_quantization_round_trip() -> None:
 
 def test_rows_take_the_slowest_rank_and_the_link_floor() -> None:
     preset = PRESETS["mixtral"]
-    cfg = BenchConfig(presets=(preset,), modes=("prefill",), transports=("torch",),
-                      dtypes=("bf16",), tokens={"prefill": (4,)},
-                      headline_tokens={"prefill": 4}, num_sms=(24,), headline_num_sms=24,
-                      iterations={"prefill": Iterations(3, 0)}, graphs=False, graph_ops=16,
-                      seed=0, nvlink_mib=1)
+    cfg = BenchConfig(
+        presets=(preset,),
+        modes=("prefill",),
+        transports=("torch",),
+        dtypes=("bf16",),
+        tokens={"prefill": (4,)},
+        headline_tokens={"prefill": 4},
+        num_sms=(24,),
+        headline_num_sms=24,
+        iterations={"prefill": Iterations(3, 0)},
+        graphs=False,
+        graph_ops=16,
+        seed=0,
+        nvlink_mib=1,
+    )
     # Rank 0: 10 rows received, 6 out / 4 in remote; rank 1: 6 received, 2 out / 5 in.
     records = [
-        {"status": "ok", "received_rows": [4, 6], "remote_rows": [6, 4],
-         "eager": {"dispatch": [10.0, 30.0, 20.0], "combine": [5.0, 5.0, 5.0]}},
-        {"status": "ok", "received_rows": [2, 4], "remote_rows": [2, 5],
-         "eager": {"dispatch": [40.0, 40.0, 40.0], "combine": [1.0, 2.0, 3.0]}},
+        {
+            "status": "ok",
+            "received_rows": [4, 6],
+            "remote_rows": [6, 4],
+            "eager": {"dispatch": [10.0, 30.0, 20.0], "combine": [5.0, 5.0, 5.0]},
+        },
+        {
+            "status": "ok",
+            "received_rows": [2, 4],
+            "remote_rows": [2, 5],
+            "eager": {"dispatch": [40.0, 40.0, 40.0], "combine": [1.0, 2.0, 3.0]},
+        },
     ]
     link = [{"best_gbps": 100.0}, {"best_gbps": 50.0}]
-    per_rank = [{"link": ln, "cases": [rec], "sm_count": None}
-                for ln, rec in zip(link, records, strict=True)]
+    per_rank = [
+        {"link": ln, "cases": [rec], "sm_count": None}
+        for ln, rec in zip(link, records, strict=True)
+    ]
     dispatch, combine = result_rows(cfg, per_rank)
     width = preset.hidden * 2
     assert dispatch["time_us"] == 40.0 and combine["time_us"] == 5.0
@@ -131,32 +169,46 @@ def _synthetic_run(tmp_path: Path) -> tuple[BenchConfig, list[dict], dict]:
     """Two ranks' records for bundled and torch: decode at T 1, 8, 16 with eager, graph-1
     and graph-4 (per call) samples; prefill at T 16, bundled at three SM budgets."""
     preset = Preset("p", hidden=256, num_experts=8, num_topk=2)
-    cfg = BenchConfig(presets=(preset,), modes=("decode", "prefill"),
-                      transports=("bundled", "torch"), dtypes=("bf16",),
-                      tokens={"decode": (1, 8, 16), "prefill": (16,)},
-                      headline_tokens={"decode": 8, "prefill": 16}, num_sms=(8, 24, "all"),
-                      headline_num_sms=24,
-                      iterations={"decode": Iterations(3, 0), "prefill": Iterations(3, 0)},
-                      graphs=True, graph_ops=4, seed=0, nvlink_mib=1)
+    cfg = BenchConfig(
+        presets=(preset,),
+        modes=("decode", "prefill"),
+        transports=("bundled", "torch"),
+        dtypes=("bf16",),
+        tokens={"decode": (1, 8, 16), "prefill": (16,)},
+        headline_tokens={"decode": 8, "prefill": 16},
+        num_sms=(8, 24, "all"),
+        headline_num_sms=24,
+        iterations={"decode": Iterations(3, 0), "prefill": Iterations(3, 0)},
+        graphs=True,
+        graph_ops=4,
+        seed=0,
+        nvlink_mib=1,
+    )
     per_rank = []
     for rank in range(2):
         records = []
         for i, case in enumerate(cfg.cases()):
             # torch 10x slower; rank 1 slower; graphs faster than eager.
             base = (1 + i) * (10.0 if case.transport == "torch" else 1.0) * (1 + rank)
-            rec = {"status": "ok", "received_rows": [2, 3], "remote_rows": [3, 2],
-                   "eager": {"dispatch": [3 * base] * 3, "combine": [3.5 * base] * 3}}
+            rec = {
+                "status": "ok",
+                "received_rows": [2, 3],
+                "remote_rows": [3, 2],
+                "eager": {"dispatch": [3 * base] * 3, "combine": [3.5 * base] * 3},
+            }
             if case.mode == "decode":
                 rec["graph"] = {"dispatch": [2 * base] * 3, "combine": [2.5 * base] * 3}
-                rec["graph_n"] = {"dispatch": [base, base, 9 * base],
-                                  "combine": [1.5 * base] * 3}
+                rec["graph_n"] = {"dispatch": [base, base, 9 * base], "combine": [1.5 * base] * 3}
             records.append(rec)
-        per_rank.append({"link": {"best_gbps": 100.0, "sm_gbps": 90.0,
-                                  "copy_engine_gbps": 100.0}, "cases": records,
-                         "sm_count": 132})
+        per_rank.append(
+            {
+                "link": {"best_gbps": 100.0, "sm_gbps": 90.0, "copy_engine_gbps": 100.0},
+                "cases": records,
+                "sm_count": 132,
+            }
+        )
     rows = result_rows(cfg, per_rank)
-    machine = {"gpu_name": "GPU", "world_size": 2, "backend": "nccl", "torch": "x",
-               "date": "today"}
+    machine = {"gpu_name": "GPU", "world_size": 2, "backend": "nccl", "torch": "x", "date": "today"}
     return cfg, rows, write_json(tmp_path / "bench.json", cfg, machine, per_rank, rows)
 
 
@@ -170,8 +222,9 @@ def test_decode_rows_carry_eager_graph_1_and_graph_n(tmp_path: Path) -> None:
     assert first["time_us"] == first["graph_n_us"]
     assert first["graph_n_samples_us"] == [[1.0, 1.0, 9.0], [2.0, 2.0, 18.0]]
     prefill = [r for r in rows if r["mode"] == "prefill"]
-    assert all(r["time_kind"] == "eager" and "graph_us" not in r and "graph_n_us" not in r
-               for r in prefill)
+    assert all(
+        r["time_kind"] == "eager" and "graph_us" not in r and "graph_n_us" not in r for r in prefill
+    )
 
     table = format_tables(rows, 2, "nccl", cfg.graph_ops)
     assert "graph-1 us" in table and "graph-4 us/op" in table and "eager us" in table
@@ -187,8 +240,21 @@ def test_decode_rows_carry_eager_graph_1_and_graph_n(tmp_path: Path) -> None:
     assert "GPU tests: passed 3, failed 1, error 1, skipped 0" in digest
     # Decode T=8 is case 1 (bundled, base 4 on rank 1) and case 4 (torch, base 100).
     line = next(ln for ln in digest.splitlines() if ln.strip().startswith("dispatch bf16"))
-    assert line.split() == ["dispatch", "bf16", "12.0", "/", "8.0", "/", "4.0",
-                            "300.0", "/", "200.0", "/", "100.0", "25.00"]
+    assert line.split() == [
+        "dispatch",
+        "bf16",
+        "12.0",
+        "/",
+        "8.0",
+        "/",
+        "4.0",
+        "300.0",
+        "/",
+        "200.0",
+        "/",
+        "100.0",
+        "25.00",
+    ]
     assert "bundled sms=all(132)" in digest and "decode sweep p bf16" in digest
     assert "prefill sweep p T=16 bf16" in digest
     assert count_tests(None) == "not run"

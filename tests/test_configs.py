@@ -41,5 +41,7 @@ def test_config_parses_in_vllm(path: pathlib.Path) -> None:
     settings = PluginSettings.from_additional_config(args.additional_config)
     assert settings is not None, f"{path.name} does not turn the plugin on"
     assert settings.mode == "auto" and settings.transport == "bundled"
-    assert settings.max_tokens_per_rank is None or \
-        settings.max_tokens_per_rank >= args.max_num_batched_tokens
+    assert (
+        settings.max_tokens_per_rank is None
+        or settings.max_tokens_per_rank >= args.max_num_batched_tokens
+    )

@@ -35,9 +35,17 @@ def test_every_source_compiles_for_sm90(library: Path) -> None:
     assert build.sources(), "no .cu sources found"
     assert library.is_file() and library.stat().st_size > 0
     lib = ctypes.CDLL(str(library))
-    for name in ("moe_sym_alloc", "moe_sym_open", "moe_sym_close", "moe_sym_free",
-                 "moe_decode_layout", "moe_decode_plan_create", "moe_decode_dispatch",
-                 "moe_decode_combine", "moe_status_string"):
+    for name in (
+        "moe_sym_alloc",
+        "moe_sym_open",
+        "moe_sym_close",
+        "moe_sym_free",
+        "moe_decode_layout",
+        "moe_decode_plan_create",
+        "moe_decode_dispatch",
+        "moe_decode_combine",
+        "moe_status_string",
+    ):
         assert hasattr(lib, name), f"{name} is not exported"
 
 
@@ -57,22 +65,33 @@ def _layout(lib: ctypes.CDLL, *args: int) -> list[int]:
     return list(out)
 
 
-@pytest.mark.parametrize("world,tmax,hidden,topk,experts,fp8", [
-    (4, 128, 7168, 8, 256, 0), (4, 128, 7168, 8, 256, 1), (8, 1, 8, 1, 8, 0),
-    (2, 300, 2048, 32, 128, 1),
-])
-def test_decode_layout_regions_fit(library: Path, world: int, tmax: int, hidden: int,
-                                   topk: int, experts: int, fp8: int) -> None:
+@pytest.mark.parametrize(
+    "world,tmax,hidden,topk,experts,fp8",
+    [
+        (4, 128, 7168, 8, 256, 0),
+        (4, 128, 7168, 8, 256, 1),
+        (8, 1, 8, 1, 8, 0),
+        (2, 300, 2048, 32, 128, 1),
+    ],
+)
+def test_decode_layout_regions_fit(
+    library: Path, world: int, tmax: int, hidden: int, topk: int, experts: int, fp8: int
+) -> None:
     """Each (slot, parity)'s regions are 256-byte aligned, large enough, and disjoint."""
     lib = ctypes.CDLL(str(library))
     rows = world * tmax
-    sizes = [rows * hidden * (1 if fp8 else 2), rows * (hidden // 128 if fp8 else 0) * 4,
-             rows * topk * 8, rows * topk * 4]
+    sizes = [
+        rows * hidden * (1 if fp8 else 2),
+        rows * (hidden // 128 if fp8 else 0) * 4,
+        rows * topk * 8,
+        rows * topk * 4,
+    ]
     sym_spans, local_spans = [], []
     for slot in (0, 1):
         for parity in (0, 1):
-            sym, local, *offsets = _layout(lib, world, tmax, hidden, topk, experts, fp8, slot,
-                                           parity)
+            sym, local, *offsets = _layout(
+                lib, world, tmax, hidden, topk, experts, fp8, slot, parity
+            )
             for off, size in zip(offsets[:4], sizes, strict=True):
                 assert off % 256 == 0 and off + size <= sym
                 sym_spans.append((off, off + size))
@@ -89,7 +108,11 @@ def test_decode_layout_rejects_bad_shapes(library: Path) -> None:
     fn = lib.moe_decode_layout
     fn.restype = ctypes.c_int
     out = (ctypes.c_longlong * 8)()
-    for args in ((3, 8, 256, 2, 12, 0, 0, 0), (4, 8, 100, 2, 16, 0, 0, 0),
-                 (4, 8, 136, 2, 16, 1, 0, 0), (4, 8, 256, 33, 16, 0, 0, 0),
-                 (4, 8, 256, 2, 16, 0, 2, 0)):
+    for args in (
+        (3, 8, 256, 2, 12, 0, 0, 0),
+        (4, 8, 100, 2, 16, 0, 0, 0),
+        (4, 8, 136, 2, 16, 1, 0, 0),
+        (4, 8, 256, 33, 16, 0, 0, 0),
+        (4, 8, 256, 2, 16, 0, 2, 0),
+    ):
         assert fn(*(ctypes.c_longlong(a) for a in args), out) != 0, args

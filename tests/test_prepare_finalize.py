@@ -24,8 +24,7 @@ pytestmark = pytest.mark.timeout(300)
 
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda n: f"{n}ranks")
 def results(request: pytest.FixtureRequest) -> list[dict[str, list[str]]]:
-    return run_workers(run_all, request.param, SEED + request.param, backend="gloo",
-                       timeout_s=280)
+    return run_workers(run_all, request.param, SEED + request.param, backend="gloo", timeout_s=280)
 
 
 def _assert_clean(results: list[dict[str, list[str]]], scenario: str) -> None:

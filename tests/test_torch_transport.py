@@ -65,8 +65,10 @@ class Call:
     def __post_init__(self) -> None:
         self.inputs = make_inputs(self.case)
         self.rank = self.transport.rank
-        self.what = (f"rank {self.rank} {self.case} {self.mode} slot={self.slot} "
-                     f"alignment={self.alignment} hook={self.hook}")
+        self.what = (
+            f"rank {self.rank} {self.case} {self.mode} slot={self.slot} "
+            f"alignment={self.alignment} hook={self.hook}"
+        )
         self.errors: list[str] = []
         self._receive: Callable[[], DispatchResult] | None = None
         self._combined: Callable[[], torch.Tensor] | None = None
@@ -79,9 +81,16 @@ class Call:
     def start_dispatch(self) -> None:
         inp = self.mine
         out = self.transport.dispatch(
-            inp.x, inp.topk_idx, inp.topk_weights, x_scales=inp.x_scales,
-            expand=self.mode.expand, cpu_sync=self.mode.cpu_sync, slot=self.slot,
-            expert_alignment=self.alignment, return_recv_hook=self.hook)
+            inp.x,
+            inp.topk_idx,
+            inp.topk_weights,
+            x_scales=inp.x_scales,
+            expand=self.mode.expand,
+            cpu_sync=self.mode.cpu_sync,
+            slot=self.slot,
+            expert_alignment=self.alignment,
+            return_recv_hook=self.hook,
+        )
         self._receive = out if self.hook else (lambda: out)
 
     def finish_dispatch(self) -> None:
@@ -98,8 +107,7 @@ class Call:
         assert res is not None
         ids = to_global(res.recv_topk_idx, self.rank, self.transport.num_local_experts)
         y = expert_output(res.recv_x, res.recv_scales, ids, res.recv_topk_weights)
-        out = self.transport.combine(y, res.handle, slot=self.slot,
-                                     return_recv_hook=self.hook)
+        out = self.transport.combine(y, res.handle, slot=self.slot, return_recv_hook=self.hook)
         self._combined = out if self.hook else (lambda: out)
 
     def finish_combine(self) -> list[str]:
@@ -120,11 +128,20 @@ def _transport(spec: TransportSpec) -> TorchTransport:
     return TorchTransport(spec, device="cpu", timeout_s=TIMEOUT_S)
 
 
-def _fixed_case(world: int, *, topk: int, routing: str, tokens: tuple[int, ...], seed: int,
-                dtype: torch.dtype = torch.bfloat16, tmax: int = 16) -> Case:
+def _fixed_case(
+    world: int,
+    *,
+    topk: int,
+    routing: str,
+    tokens: tuple[int, ...],
+    seed: int,
+    dtype: torch.dtype = torch.bfloat16,
+    tmax: int = 16,
+) -> Case:
     """H = 128, four experts per rank."""
-    spec = TransportSpec(max_tokens_per_rank=tmax, hidden=128, num_topk=topk,
-                         num_experts=4 * world, dtype=dtype)
+    spec = TransportSpec(
+        max_tokens_per_rank=tmax, hidden=128, num_topk=topk, num_experts=4 * world, dtype=dtype
+    )
     return Case(spec=spec, world_size=world, tokens=tokens, routing=routing, seed=seed)
 
 
@@ -143,8 +160,14 @@ def scenario_grid(rank: int, world: int, rng: random.Random) -> Outcome:
             for dtype in (torch.bfloat16, torch.float8_e4m3fn):
                 for mode in MODES:
                     case = random_case(rng, world, topk=topk, dtype=dtype)
-                    call = Call(_transport(case.spec), case, mode, slot=rng.randrange(2),
-                                alignment=_alignment(rng, mode), hook=rng.random() < 0.5)
+                    call = Call(
+                        _transport(case.spec),
+                        case,
+                        mode,
+                        slot=rng.randrange(2),
+                        alignment=_alignment(rng, mode),
+                        hook=rng.random() < 0.5,
+                    )
                     errors += call.run()
                     cases += 1
     return cases, errors
@@ -156,13 +179,25 @@ def scenario_larger(rank: int, world: int, rng: random.Random) -> Outcome:
     cases = 0
     for dtype in (torch.bfloat16, torch.float8_e4m3fn):
         for mode in MODES:
-            spec = TransportSpec(max_tokens_per_rank=96, hidden=1024, num_topk=8,
-                                 num_experts=16 * world, dtype=dtype)
+            spec = TransportSpec(
+                max_tokens_per_rank=96, hidden=1024, num_topk=8, num_experts=16 * world, dtype=dtype
+            )
             tokens = tuple(rng.randint(0, 96) for _ in range(world))
-            case = Case(spec=spec, world_size=world, tokens=tokens, routing="uniform",
-                        seed=rng.randrange(1 << 30))
-            errors += Call(_transport(spec), case, mode, slot=rng.randrange(2),
-                           alignment=_alignment(rng, mode), hook=rng.random() < 0.5).run()
+            case = Case(
+                spec=spec,
+                world_size=world,
+                tokens=tokens,
+                routing="uniform",
+                seed=rng.randrange(1 << 30),
+            )
+            errors += Call(
+                _transport(spec),
+                case,
+                mode,
+                slot=rng.randrange(2),
+                alignment=_alignment(rng, mode),
+                hook=rng.random() < 0.5,
+            ).run()
             cases += 1
     return cases, errors
 
@@ -174,10 +209,16 @@ def scenario_skewed(rank: int, world: int, rng: random.Random) -> Outcome:
     for routing in ("one_expert", "one_rank", "none"):
         for topk in (2, 8):
             for mode in MODES:
-                case = _fixed_case(world, topk=topk, routing=routing, tokens=(16,) * world,
-                                   seed=rng.randrange(1 << 30))
-                errors += Call(_transport(case.spec), case, mode,
-                               alignment=_alignment(rng, mode)).run()
+                case = _fixed_case(
+                    world,
+                    topk=topk,
+                    routing=routing,
+                    tokens=(16,) * world,
+                    seed=rng.randrange(1 << 30),
+                )
+                errors += Call(
+                    _transport(case.spec), case, mode, alignment=_alignment(rng, mode)
+                ).run()
                 cases += 1
     return cases, errors
 
@@ -192,10 +233,22 @@ def scenario_zero_tokens(rank: int, world: int, rng: random.Random) -> Outcome:
         for dtype in (torch.bfloat16, torch.float8_e4m3fn):
             for mode in MODES:
                 for hook in (False, True):
-                    case = _fixed_case(world, topk=4, routing="uniform", tokens=tokens,
-                                       dtype=dtype, seed=rng.randrange(1 << 30), tmax=8)
-                    errors += Call(_transport(case.spec), case, mode, hook=hook,
-                                   alignment=_alignment(rng, mode)).run()
+                    case = _fixed_case(
+                        world,
+                        topk=4,
+                        routing="uniform",
+                        tokens=tokens,
+                        dtype=dtype,
+                        seed=rng.randrange(1 << 30),
+                        tmax=8,
+                    )
+                    errors += Call(
+                        _transport(case.spec),
+                        case,
+                        mode,
+                        hook=hook,
+                        alignment=_alignment(rng, mode),
+                    ).run()
                     cases += 1
     return cases, errors
 
@@ -206,19 +259,32 @@ def scenario_slots(rank: int, world: int, rng: random.Random) -> Outcome:
     equal and mixed modes."""
     errors: list[str] = []
     cases = 0
-    pairs = [(MODES[0], MODES[0]), (MODES[2], MODES[2]), (MODES[2], MODES[0]),
-             (MODES[1], MODES[2])]
+    pairs = [(MODES[0], MODES[0]), (MODES[2], MODES[2]), (MODES[2], MODES[0]), (MODES[1], MODES[2])]
     for mode0, mode1 in pairs:
         for hook in (False, True):
             for dtype in (torch.bfloat16, torch.float8_e4m3fn):
                 first = random_case(rng, world, dtype=dtype, routing="uniform")
-                second = dataclasses.replace(first, seed=rng.randrange(1 << 30), tokens=tuple(
-                    rng.randint(0, first.spec.max_tokens_per_rank) for _ in range(world)))
+                second = dataclasses.replace(
+                    first,
+                    seed=rng.randrange(1 << 30),
+                    tokens=tuple(
+                        rng.randint(0, first.spec.max_tokens_per_rank) for _ in range(world)
+                    ),
+                )
                 transport = _transport(first.spec)
-                calls = [Call(transport, first, mode0, slot=0, hook=hook,
-                              alignment=_alignment(rng, mode0)),
-                         Call(transport, second, mode1, slot=1, hook=hook,
-                              alignment=_alignment(rng, mode1))]
+                calls = [
+                    Call(
+                        transport, first, mode0, slot=0, hook=hook, alignment=_alignment(rng, mode0)
+                    ),
+                    Call(
+                        transport,
+                        second,
+                        mode1,
+                        slot=1,
+                        hook=hook,
+                        alignment=_alignment(rng, mode1),
+                    ),
+                ]
                 for call in calls:
                     call.start_dispatch()
                 for call in calls:
@@ -237,8 +303,13 @@ def scenario_out_of_range(rank: int, world: int, rng: random.Random) -> Outcome:
     cases = 0
     for mode in MODES:
         for hook in (False, True):
-            case = _fixed_case(world, topk=8, routing="out_of_range", tokens=(12,) * world,
-                               seed=rng.randrange(1 << 30))
+            case = _fixed_case(
+                world,
+                topk=8,
+                routing="out_of_range",
+                tokens=(12,) * world,
+                seed=rng.randrange(1 << 30),
+            )
             transport = _transport(case.spec)
             call = Call(transport, case, mode, hook=hook, alignment=_alignment(rng, mode))
             errors += call.run()
@@ -281,8 +352,7 @@ def run_scenarios(rank: int, world: int, seed: int) -> dict[str, Outcome]:
 def wait_for_absent_peer(rank: int, world: int, timeout_s: float) -> list[str]:
     """Worker: rank 0 dispatches (non-expanded, then expanded) while rank 1 never joins;
     returns rank 0's errors, which must be bounded by `timeout_s`."""
-    transport = TorchTransport(TransportSpec(4, 8, 1, 2 * world), device="cpu",
-                               timeout_s=timeout_s)
+    transport = TorchTransport(TransportSpec(4, 8, 1, 2 * world), device="cpu", timeout_s=timeout_s)
     if rank != 0:
         time.sleep(3 * timeout_s + 2)
         return []
@@ -290,9 +360,13 @@ def wait_for_absent_peer(rank: int, world: int, timeout_s: float) -> list[str]:
     for expand in (False, True):
         start = time.monotonic()
         try:
-            transport.dispatch(torch.zeros(1, 8, dtype=torch.bfloat16),
-                               torch.zeros(1, 1, dtype=torch.int64), torch.ones(1, 1),
-                               expand=expand, cpu_sync=expand)
+            transport.dispatch(
+                torch.zeros(1, 8, dtype=torch.bfloat16),
+                torch.zeros(1, 1, dtype=torch.int64),
+                torch.ones(1, 1),
+                expand=expand,
+                cpu_sync=expand,
+            )
             outcomes.append("no error")
         except TimeoutError as err:
             outcomes.append(f"{time.monotonic() - start:.1f} s: {err}")
@@ -302,8 +376,9 @@ def wait_for_absent_peer(rank: int, world: int, timeout_s: float) -> list[str]:
 # --------------------------------------------------------------------- tests
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda n: f"{n}ranks")
 def outcomes(request: pytest.FixtureRequest) -> list[dict[str, Outcome]]:
-    return run_workers(run_scenarios, request.param, SEED + request.param, backend="gloo",
-                       timeout_s=240)
+    return run_workers(
+        run_scenarios, request.param, SEED + request.param, backend="gloo", timeout_s=240
+    )
 
 
 def _assert_clean(outcomes: list[dict[str, Outcome]], name: str) -> None:

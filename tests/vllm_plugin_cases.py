@@ -28,8 +28,9 @@ def check_register(plugin: ModuleType) -> list[str]:
 
     errors = []
     if FACTORY_MODULE in sys.modules:
-        errors.append("vLLM's factory module was imported before register(): the "
-                      "import-hook path is untested")
+        errors.append(
+            "vLLM's factory module was imported before register(): the import-hook path is untested"
+        )
     plugin.register()
     plugin.register()
     factory_module = importlib.import_module(FACTORY_MODULE)
@@ -58,8 +59,10 @@ def check_register(plugin: ModuleType) -> list[str]:
     if left:
         errors.append(f"modules still bound to vLLM's original factory: {left}")
     if len(holders) < 2:
-        errors.append(f"expected the factory bound in several vllm modules, found "
-                      f"{[m.__name__ for m in holders]}")
+        errors.append(
+            f"expected the factory bound in several vllm modules, found "
+            f"{[m.__name__ for m in holders]}"
+        )
     return errors
 
 
@@ -74,7 +77,7 @@ def check_selection(plugin: ModuleType) -> dict[str, list[str]]:
     )
     from vllm.model_executor.layers.fused_moe.config import FusedMoEQuantConfig
 
-    from moe_plugin.prepare_finalize.reference_experts import expert_parallel_moe_config
+    from moe_plugin.demo.experts import expert_parallel_moe_config
 
     factory = vars(importlib.import_module(FACTORY_MODULE))[plugin.FACTORY_NAME]
     quant = FusedMoEQuantConfig.make()
@@ -82,11 +85,11 @@ def check_selection(plugin: ModuleType) -> dict[str, list[str]]:
     # vLLM's own naive prepare/finalize reads only world_size from its all2all manager.
     manager = SimpleNamespace(world_size=2)
 
-    def chosen(additional_config: dict[str, Any], moe: Any = ep_layer,
-               new_interface: bool = True) -> str:
+    def chosen(
+        additional_config: dict[str, Any], moe: Any = ep_layer, new_interface: bool = True
+    ) -> str:
         with set_current_vllm_config(VllmConfig(additional_config=additional_config)):
-            pf = factory(moe, quant, allow_new_interface=new_interface,
-                         all2all_manager=manager)
+            pf = factory(moe, quant, allow_new_interface=new_interface, all2all_manager=manager)
         return type(pf).__name__
 
     with set_current_vllm_config(VllmConfig()):
@@ -96,13 +99,14 @@ def check_selection(plugin: ModuleType) -> dict[str, list[str]]:
     on = {"transport": "torch"}
     expect = {
         "decode flag": ({"moe_plugin": {**on, "mode": "decode"}}, "DecodePrepareAndFinalize"),
-        "prefill flag": ({"moe_plugin": {**on, "mode": "prefill"}},
-                         "PrefillPrepareAndFinalize"),
+        "prefill flag": ({"moe_plugin": {**on, "mode": "prefill"}}, "PrefillPrepareAndFinalize"),
         # No model config here, so no CUDA graphs: auto picks prefill.
         "auto flag, eager": ({"moe_plugin": on}, "PrefillPrepareAndFinalize"),
         "no flag": ({}, "MoEPrepareAndFinalizeNaiveDPEPModular"),
-        "other additional_config keys": ({"something_else": 1},
-                                         "MoEPrepareAndFinalizeNaiveDPEPModular"),
+        "other additional_config keys": (
+            {"something_else": 1},
+            "MoEPrepareAndFinalizeNaiveDPEPModular",
+        ),
     }
     selection = []
     for name, (config, want) in expect.items():
@@ -121,17 +125,27 @@ def check_selection(plugin: ModuleType) -> dict[str, list[str]]:
     graphs = SimpleNamespace(
         additional_config={"moe_plugin": on},
         model_config=SimpleNamespace(enforce_eager=False),
-        compilation_config=SimpleNamespace(cudagraph_mode=SimpleNamespace(name="FULL")))
+        compilation_config=SimpleNamespace(cudagraph_mode=SimpleNamespace(name="FULL")),
+    )
     pf = plugin.make_prepare_finalize(ep_layer, quant, vllm_config=graphs)
     if type(pf).__name__ != "DecodePrepareAndFinalize":
         auto.append(f"auto with CUDA graphs built {type(pf).__name__}")
     if pf.spec.max_tokens_per_rank != ep_layer.max_num_tokens:
-        auto.append(f"sized for {pf.spec.max_tokens_per_rank} tokens, the layer's "
-                    f"max_num_tokens is {ep_layer.max_num_tokens}")
+        auto.append(
+            f"sized for {pf.spec.max_tokens_per_rank} tokens, the layer's "
+            f"max_num_tokens is {ep_layer.max_num_tokens}"
+        )
+
     def sized_for(tokens: int) -> Any:
-        return plugin.make_prepare_finalize(ep_layer, quant, vllm_config=SimpleNamespace(
-            additional_config={"moe_plugin": {**on, "max_tokens_per_rank": tokens}},
-            model_config=None, compilation_config=None))
+        return plugin.make_prepare_finalize(
+            ep_layer,
+            quant,
+            vllm_config=SimpleNamespace(
+                additional_config={"moe_plugin": {**on, "max_tokens_per_rank": tokens}},
+                model_config=None,
+                compilation_config=None,
+            ),
+        )
 
     bigger = ep_layer.max_num_tokens + 64
     sized = sized_for(bigger)
@@ -165,7 +179,10 @@ def check_selection(plugin: ModuleType) -> dict[str, list[str]]:
 def _modules_holding(value: object, name: str) -> list[ModuleType]:
     holders = []
     for module_name, module in list(sys.modules.items()):
-        if module_name.startswith("vllm") and isinstance(module, ModuleType) \
-                and vars(module).get(name) is value:
+        if (
+            module_name.startswith("vllm")
+            and isinstance(module, ModuleType)
+            and vars(module).get(name) is value
+        ):
             holders.append(module)
     return holders

@@ -15,14 +15,16 @@ def expert_scale(global_ids: torch.Tensor) -> torch.Tensor:
     return 1.0 + (global_ids.remainder(8)).float() / 8.0
 
 
-def expert_output(result: DispatchResult, rank: int, num_local_experts: int,
-                  chunk_rows: int = 512) -> torch.Tensor:
+def expert_output(
+    result: DispatchResult, rank: int, num_local_experts: int, chunk_rows: int = 512
+) -> torch.Tensor:
     """y for combine: each received row times the sum over its (local expert, weight)
     entries of weight * expert_scale; bf16, zero on padding rows."""
     ids, weights = result.recv_topk_idx, result.recv_topk_weights
     valid = ids >= 0
-    factor = torch.where(valid, weights * expert_scale(ids + rank * num_local_experts),
-                         torch.zeros_like(weights)).sum(dim=1, keepdim=True)
+    factor = torch.where(
+        valid, weights * expert_scale(ids + rank * num_local_experts), torch.zeros_like(weights)
+    ).sum(dim=1, keepdim=True)
     padding = ~valid.any(dim=1, keepdim=True)
     y = torch.empty(result.recv_x.shape, dtype=torch.bfloat16, device=result.recv_x.device)
     # In row chunks: the float32 copy of a whole prefill receive buffer is ~1 GB.
@@ -35,27 +37,37 @@ def expert_output(result: DispatchResult, rank: int, num_local_experts: int,
     return y
 
 
-def round_trip_error(transport: Transport, inputs: RankInputs, expected_rows: list[int], *,
-                     expand: bool) -> str | None:
+def round_trip_error(
+    transport: Transport, inputs: RankInputs, expected_rows: list[int], *, expand: bool
+) -> str | None:
     """Dispatch `inputs`, apply `expert_output`, combine, and compare with the dense sum
     x * sum_k weight_k * expert_scale(expert_k). Returns None when right, else what is wrong.
     `expected_rows` [R] are the rows this rank must receive from each source rank."""
-    result = transport.dispatch(inputs.x, inputs.topk_idx, inputs.topk_weights,
-                                x_scales=inputs.x_scales, expand=expand, cpu_sync=expand)
+    result = transport.dispatch(
+        inputs.x,
+        inputs.topk_idx,
+        inputs.topk_weights,
+        x_scales=inputs.x_scales,
+        expand=expand,
+        cpu_sync=expand,
+    )
     counts = result.handle.recv_counts.tolist()
     if counts != expected_rows:
         return f"rank {transport.rank} received {counts} rows per source, expected {expected_rows}"
     y = expert_output(result, transport.rank, transport.num_local_experts)
     out = transport.combine(y, result.handle).float()
     ids = inputs.topk_idx
-    factor = torch.where(ids >= 0, inputs.topk_weights * expert_scale(ids),
-                         torch.zeros_like(inputs.topk_weights)).sum(dim=1, keepdim=True)
+    factor = torch.where(
+        ids >= 0, inputs.topk_weights * expert_scale(ids), torch.zeros_like(inputs.topk_weights)
+    ).sum(dim=1, keepdim=True)
     ref = inputs.x_ref * factor
     # bf16 rounding of each rank's partial sum and of the result: a few units of 2^-8.
     err = (out - ref).abs() - (0.02 * ref.abs() + 0.02)
     if out.shape != ref.shape or not bool(torch.isfinite(out).all()) or bool((err > 0).any()):
         worst = float((out - ref).abs().max()) if out.shape == ref.shape else float("nan")
-        return (f"rank {transport.rank}: combine(dispatch(x)) differs from the dense sum "
-                f"(shape {list(out.shape)} vs {list(ref.shape)}, max abs error {worst:.3g})")
+        return (
+            f"rank {transport.rank}: combine(dispatch(x)) differs from the dense sum "
+            f"(shape {list(out.shape)} vs {list(ref.shape)}, max abs error {worst:.3g})"
+        )
     transport.check()
     return None

@@ -43,8 +43,11 @@ from moe_plugin.launch import default_backend, default_nprocs, run_workers
 from moe_plugin.transport import TRANSPORT_NAMES
 
 # NVLink multicast stays off everywhere; the spawned ranks inherit these.
-NO_MULTICAST_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
-                    "NVSHMEM_DISABLE_NVLS": "1"}
+NO_MULTICAST_ENV = {
+    "NCCL_NVLS_ENABLE": "0",
+    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+    "NVSHMEM_DISABLE_NVLS": "1",
+}
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -52,7 +55,8 @@ def _int_list(text: str) -> tuple[int, ...]:
         values = tuple(int(v) for v in text.split(",") if v)
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"expected integers separated by commas, got {text!r}") from None
+            f"expected integers separated by commas, got {text!r}"
+        ) from None
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
     return values
@@ -64,6 +68,7 @@ def _at_least(low: int) -> Any:
         if value < low:
             raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
         return value
+
     return parse
 
 
@@ -79,6 +84,7 @@ def _names(valid: Sequence[str]) -> Any:
         if bad or not names:
             raise argparse.ArgumentTypeError(f"{bad or text!r}: valid are {', '.join(valid)}")
         return names
+
     return parse
 
 
@@ -86,55 +92,115 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m moe_plugin.bench", description=__doc__)
     p.add_argument("--preset", choices=[*PRESETS, "all"], default="deepseek-v3")
     p.add_argument("--mode", choices=[*MODES, "all"], default="all")
-    p.add_argument("--transports", type=_names(TRANSPORT_NAMES), default=None,
-                   help="comma list (default: every one this host has; bundled needs CUDA)")
-    p.add_argument("--dtypes", type=_names(DTYPES), default=DTYPES,
-                   help="dispatch payloads (combine is always bf16); default bf16,fp8")
-    p.add_argument("--nprocs", type=_at_least(1), default=None,
-                   help="processes: default one per GPU, else 4 CPU processes (gloo)")
-    p.add_argument("--sweep", action="store_true",
-                   help=f"T sweep (decode {DECODE_SWEEP}, prefill {PREFILL_SWEEP}) and the "
-                        f"bundled SM sweep {NUM_SMS_SWEEP}")
-    p.add_argument("--decode-tokens", type=_int_list, default=None,
-                   help=f"decode T per rank, comma list (default {DECODE_TOKENS})")
-    p.add_argument("--prefill-tokens", type=_int_list, default=None,
-                   help=f"prefill T per rank, comma list (default {PREFILL_TOKENS})")
-    p.add_argument("--num-sms", type=_sms_list, default=None,
-                   help=f"bundled prefill SM budgets, comma list, 'all' = every SM "
-                        f"(default {DEFAULT_NUM_SMS})")
+    p.add_argument(
+        "--transports",
+        type=_names(TRANSPORT_NAMES),
+        default=None,
+        help="comma list (default: every one this host has; bundled needs CUDA)",
+    )
+    p.add_argument(
+        "--dtypes",
+        type=_names(DTYPES),
+        default=DTYPES,
+        help="dispatch payloads (combine is always bf16); default bf16,fp8",
+    )
+    p.add_argument(
+        "--nprocs",
+        type=_at_least(1),
+        default=None,
+        help="processes: default one per GPU, else 4 CPU processes (gloo)",
+    )
+    p.add_argument(
+        "--sweep",
+        action="store_true",
+        help=f"T sweep (decode {DECODE_SWEEP}, prefill {PREFILL_SWEEP}) and the "
+        f"bundled SM sweep {NUM_SMS_SWEEP}",
+    )
+    p.add_argument(
+        "--decode-tokens",
+        type=_int_list,
+        default=None,
+        help=f"decode T per rank, comma list (default {DECODE_TOKENS})",
+    )
+    p.add_argument(
+        "--prefill-tokens",
+        type=_int_list,
+        default=None,
+        help=f"prefill T per rank, comma list (default {PREFILL_TOKENS})",
+    )
+    p.add_argument(
+        "--num-sms",
+        type=_sms_list,
+        default=None,
+        help=f"bundled prefill SM budgets, comma list, 'all' = every SM "
+        f"(default {DEFAULT_NUM_SMS})",
+    )
     p.add_argument("--hidden", type=int, default=None, help="override the preset's H")
     p.add_argument("--num-experts", type=int, default=None, help="override the preset's E")
     p.add_argument("--topk", type=int, default=None, help="override the preset's K")
-    p.add_argument("--iters", type=_at_least(1), default=None,
-                   help="timed calls per case (default GPU: 200 decode / 30 prefill; "
-                        "CPU: 10 / 1); a graph of --graph-ops calls is replayed enough "
-                        "times for as many calls, and at least min(ITERS, 50) times")
+    p.add_argument(
+        "--iters",
+        type=_at_least(1),
+        default=None,
+        help="timed calls per case (default GPU: 200 decode / 30 prefill; "
+        "CPU: 10 / 1); a graph of --graph-ops calls is replayed enough "
+        "times for as many calls, and at least min(ITERS, 50) times",
+    )
     p.add_argument("--warmup", type=_at_least(0), default=None, help="untimed calls per case")
     p.add_argument("--no-graphs", action="store_true", help="decode: eager calls only")
-    p.add_argument("--graph-ops", type=_at_least(2), default=GRAPH_OPS,
-                   help="decode: calls captured back to back in one CUDA graph for the "
-                        f"launch-amortized per-op time (default {GRAPH_OPS}; a graph of one "
-                        "call is timed as well)")
+    p.add_argument(
+        "--graph-ops",
+        type=_at_least(2),
+        default=GRAPH_OPS,
+        help="decode: calls captured back to back in one CUDA graph for the "
+        f"launch-amortized per-op time (default {GRAPH_OPS}; a graph of one "
+        "call is timed as well)",
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--nvlink-mib", type=_at_least(1), default=256,
-                   help="MiB each GPU writes to each peer when measuring link bandwidth")
-    p.add_argument("--out", type=Path, default=Path("bench_out"),
-                   help="directory for bench.json and bench.png")
+    p.add_argument(
+        "--nvlink-mib",
+        type=_at_least(1),
+        default=256,
+        help="MiB each GPU writes to each peer when measuring link bandwidth",
+    )
+    p.add_argument(
+        "--out", type=Path, default=Path("bench_out"), help="directory for bench.json and bench.png"
+    )
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds for the whole run")
-    p.add_argument("--summary-from", type=Path, nargs="+", default=None, metavar="JSON",
-                   help="print the summary of earlier runs' bench.json files and exit")
-    p.add_argument("--digest", action="store_true",
-                   help="with --summary-from: the sweeps, then one compact table (headline "
-                        "T, transports side by side) over all the files given")
-    p.add_argument("--tests-summary", default=None, metavar="TEXT",
-                   help="with --digest: pytest's last line, for the GPU test counts")
+    p.add_argument(
+        "--summary-from",
+        type=Path,
+        nargs="+",
+        default=None,
+        metavar="JSON",
+        help="print the summary of earlier runs' bench.json files and exit",
+    )
+    p.add_argument(
+        "--digest",
+        action="store_true",
+        help="with --summary-from: the sweeps, then one compact table (headline "
+        "T, transports side by side) over all the files given",
+    )
+    p.add_argument(
+        "--tests-summary",
+        default=None,
+        metavar="TEXT",
+        help="with --digest: pytest's last line, for the GPU test counts",
+    )
     return p
 
 
 def _presets(args: argparse.Namespace) -> tuple[Preset, ...]:
     base = list(PRESETS.values()) if args.preset == "all" else [PRESETS[args.preset]]
-    override = {k: v for k, v in (("hidden", args.hidden), ("num_experts", args.num_experts),
-                                  ("num_topk", args.topk)) if v is not None}
+    override = {
+        k: v
+        for k, v in (
+            ("hidden", args.hidden),
+            ("num_experts", args.num_experts),
+            ("num_topk", args.topk),
+        )
+        if v is not None
+    }
     if not override:
         return tuple(base)
     short = {"hidden": "H", "num_experts": "E", "num_topk": "K"}
@@ -150,18 +216,21 @@ def make_config(args: argparse.Namespace, on_gpu: bool) -> BenchConfig:
     iterations = {}
     for mode in MODES:
         d = default_iterations(mode, on_gpu)
-        iterations[mode] = Iterations(args.iters if args.iters is not None else d.timed,
-                                      args.warmup if args.warmup is not None else d.warmup)
-    transports = args.transports or tuple(
-        n for n in TRANSPORT_NAMES if n != "bundled" or on_gpu)
+        iterations[mode] = Iterations(
+            args.iters if args.iters is not None else d.timed,
+            args.warmup if args.warmup is not None else d.warmup,
+        )
+    transports = args.transports or tuple(n for n in TRANSPORT_NAMES if n != "bundled" or on_gpu)
     return BenchConfig(
         presets=_presets(args),
         modes=MODES if args.mode == "all" else (args.mode,),
         transports=transports,
         dtypes=args.dtypes,
         tokens={DECODE: decode, PREFILL: prefill},
-        headline_tokens={DECODE: DECODE_TOKENS if DECODE_TOKENS in decode else decode[0],
-                         PREFILL: PREFILL_TOKENS if PREFILL_TOKENS in prefill else prefill[0]},
+        headline_tokens={
+            DECODE: DECODE_TOKENS if DECODE_TOKENS in decode else decode[0],
+            PREFILL: PREFILL_TOKENS if PREFILL_TOKENS in prefill else prefill[0],
+        },
         num_sms=num_sms,
         headline_num_sms=DEFAULT_NUM_SMS if DEFAULT_NUM_SMS in num_sms else num_sms[0],
         iterations=iterations,
@@ -176,15 +245,22 @@ def machine_info(nprocs: int, backend: str) -> dict[str, Any]:
     """What the numbers were measured on."""
     info: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "host": platform.node(), "python": platform.python_version(),
-        "torch": torch.__version__, "backend": backend, "world_size": nprocs,
-        "gpu_name": None, "gpu_count": 0, "cuda": torch.version.cuda,
+        "host": platform.node(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "backend": backend,
+        "world_size": nprocs,
+        "gpu_name": None,
+        "gpu_count": 0,
+        "cuda": torch.version.cuda,
     }
     if torch.cuda.is_available():
         nccl = torch.cuda.nccl.version()
-        info.update(gpu_name=torch.cuda.get_device_name(0),
-                    gpu_count=torch.cuda.device_count(),
-                    nccl=".".join(map(str, nccl)) if isinstance(nccl, tuple) else str(nccl))
+        info.update(
+            gpu_name=torch.cuda.get_device_name(0),
+            gpu_count=torch.cuda.device_count(),
+            nccl=".".join(map(str, nccl)) if isinstance(nccl, tuple) else str(nccl),
+        )
     return info
 
 
@@ -207,8 +283,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"--nprocs {nprocs}: only {torch.cuda.device_count()} GPUs visible")
     cfg = make_config(args, on_gpu)
     backend = default_backend()
-    print(f"moe_plugin bench: {nprocs} ranks ({backend}), transports {', '.join(cfg.transports)}, "
-          f"{len(cfg.cases())} cases", file=sys.stderr)
+    print(
+        f"moe_plugin bench: {nprocs} ranks ({backend}), transports {', '.join(cfg.transports)}, "
+        f"{len(cfg.cases())} cases",
+        file=sys.stderr,
+    )
     machine = machine_info(nprocs, backend)
     per_rank = run_workers(bench_worker, nprocs, cfg, timeout_s=args.timeout)
     rows = result_rows(cfg, per_rank)

@@ -61,8 +61,9 @@ def graph_iterations(iters: Iterations, ops: int) -> Iterations:
     """Replays of a CUDA graph holding `ops` calls, for `iters` calls per case: at least
     `MIN_GRAPH_REPLAYS` (or `iters.timed` when that is fewer), and at least `iters.timed`
     calls in all; warm-up calls rounded up to whole replays."""
-    return Iterations(max(-(-iters.timed // ops), min(iters.timed, MIN_GRAPH_REPLAYS)),
-                      -(-iters.warmup // ops))
+    return Iterations(
+        max(-(-iters.timed // ops), min(iters.timed, MIN_GRAPH_REPLAYS)), -(-iters.warmup // ops)
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,8 +81,7 @@ class Case:
     @property
     def label(self) -> str:
         sms = "" if self.num_sms is None else f" sms={self.num_sms}"
-        return (f"{self.transport} {self.preset.name} {self.mode} {self.dtype} "
-                f"T={self.tokens}{sms}")
+        return f"{self.transport} {self.preset.name} {self.mode} {self.dtype} T={self.tokens}{sms}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,9 +112,12 @@ class BenchConfig:
             for mode in self.modes:
                 for transport in self.transports:
                     budgets: tuple[int | str | None, ...] = (
-                        self.num_sms if transport == "bundled" and mode == PREFILL else (None,))
+                        self.num_sms if transport == "bundled" and mode == PREFILL else (None,)
+                    )
                     for dtype in self.dtypes:
                         for num_sms in budgets:
-                            out.extend(Case(transport, preset, mode, dtype, t, num_sms)
-                                       for t in self.tokens[mode])
+                            out.extend(
+                                Case(transport, preset, mode, dtype, t, num_sms)
+                                for t in self.tokens[mode]
+                            )
         return out

@@ -22,9 +22,12 @@ def count_tests(summary: str | None) -> str:
     """'passed P, failed F, error E, skipped S' from pytest's last line, or what is known."""
     if not summary:
         return "not run"
-    counts = {word.rstrip("s"): int(n) for n, word in
-              re.findall(r"(\d+) (passed|failed|errors?|skipped|deselected|xfailed|xpassed)",
-                         summary)}
+    counts = {
+        word.rstrip("s"): int(n)
+        for n, word in re.findall(
+            r"(\d+) (passed|failed|errors?|skipped|deselected|xfailed|xpassed)", summary
+        )
+    }
     if not counts:
         return f"no pytest summary ({summary.strip()})"
     main = ", ".join(f"{k} {counts.get(k, 0)}" for k in ("passed", "failed", "error", "skipped"))
@@ -42,20 +45,29 @@ def format_digest(reports: list[dict[str, Any]], tests_summary: str | None = Non
     for rep in reports:
         for preset in presets:
             out += _decode_sweep(rep["rows"], preset) + _sms_sweep(rep["rows"], preset)
-    out += ["", f"==== GPU check: {machine.get('gpu_name') or 'CPU'} x{machine['world_size']} "
-            f"({machine['backend']}), torch {machine['torch']}, {machine['date']} ====",
-            link_line(first["link"]),
-            f"GPU tests: {count_tests(tests_summary)}"]
+    out += [
+        "",
+        f"==== GPU check: {machine.get('gpu_name') or 'CPU'} x{machine['world_size']} "
+        f"({machine['backend']}), torch {machine['torch']}, {machine['date']} ====",
+        link_line(first["link"]),
+        f"GPU tests: {count_tests(tests_summary)}",
+    ]
     for preset in presets:
-        out += _decode_table(rows, preset, cfg["headline_tokens"][DECODE],
-                             cfg.get("graph_ops"))
+        out += _decode_table(rows, preset, cfg["headline_tokens"][DECODE], cfg.get("graph_ops"))
         out += _prefill_table(rows, preset, cfg["headline_tokens"][PREFILL])
     return "\n".join(out)
 
 
 def _key(r: Row) -> tuple[Any, ...]:
-    return (r["preset"], r["mode"], r["transport"], r["dtype"], r["tokens"],
-            r["num_sms_label"], r["op"])
+    return (
+        r["preset"],
+        r["mode"],
+        r["transport"],
+        r["dtype"],
+        r["tokens"],
+        r["num_sms_label"],
+        r["op"],
+    )
 
 
 def _first_ok(reports: list[dict[str, Any]]) -> dict[tuple[Any, ...], Row]:
@@ -73,8 +85,9 @@ def _transports(rows: dict[tuple[Any, ...], Row], preset: str, mode: str) -> lis
     return list(dict.fromkeys(k[2] for k in rows if k[0] == preset and k[1] == mode))
 
 
-def _decode_table(rows: dict[tuple[Any, ...], Row], preset: str, tokens: int,
-                  graph_ops: int | None) -> list[str]:
+def _decode_table(
+    rows: dict[tuple[Any, ...], Row], preset: str, tokens: int, graph_ops: int | None
+) -> list[str]:
     transports = _transports(rows, preset, DECODE)
     found = [r for k, r in rows.items() if k[:2] == (preset, DECODE) and k[4] == tokens]
     if not found:
@@ -91,13 +104,18 @@ def _decode_table(rows: dict[tuple[Any, ...], Row], preset: str, tokens: int,
             line.append(_decode_cell(r))
             if r is not None and r["status"] == "ok":
                 times[t] = r["time_us"]
-        line += [fmt_number(times[t] / times[BASELINE], 2)
-                 if t in times and BASELINE in times else "-" for t in others]
+        line += [
+            fmt_number(times[t] / times[BASELINE], 2) if t in times and BASELINE in times else "-"
+            for t in others
+        ]
         body.append(line)
     kinds = " / ".join(time_label(k, graph_ops) for k in TIME_KINDS)
-    ratios = f"; {', '.join(header[1 + len(transports):])}: of the last" if others else ""
-    return ["", f"decode {preset} T={tokens} per rank, us per op: {kinds}{ratios}",
-            *("  " + ln for ln in align_table(header, body))]
+    ratios = f"; {', '.join(header[1 + len(transports) :])}: of the last" if others else ""
+    return [
+        "",
+        f"decode {preset} T={tokens} per rank, us per op: {kinds}{ratios}",
+        *("  " + ln for ln in align_table(header, body)),
+    ]
 
 
 def _decode_cell(r: Row | None) -> str:
@@ -111,8 +129,9 @@ def _decode_cell(r: Row | None) -> str:
 def _prefill_table(rows: dict[tuple[Any, ...], Row], preset: str, tokens: int) -> list[str]:
     columns: list[tuple[str, Any]] = []
     for t in _transports(rows, preset, PREFILL):
-        budgets = dict.fromkeys(k[5] for k in rows if k[:3] == (preset, PREFILL, t)
-                                and k[4] == tokens)
+        budgets = dict.fromkeys(
+            k[5] for k in rows if k[:3] == (preset, PREFILL, t) and k[4] == tokens
+        )
         columns += [(t, b) for b in budgets]
     if not columns:
         return []
@@ -123,9 +142,12 @@ def _prefill_table(rows: dict[tuple[Any, ...], Row], preset: str, tokens: int) -
         for t, b in columns:
             line.append(_prefill_cell(rows.get((preset, PREFILL, t, dtype, tokens, b, op))))
         body.append(line)
-    return ["", f"prefill {preset} T={tokens} per rank, GB/s (% of link: floor time / time, "
-            "100% = all bytes that must cross the links moved at the measured link rate)",
-            *("  " + ln for ln in align_table(header, body))]
+    return [
+        "",
+        f"prefill {preset} T={tokens} per rank, GB/s (% of link: floor time / time, "
+        "100% = all bytes that must cross the links moved at the measured link rate)",
+        *("  " + ln for ln in align_table(header, body)),
+    ]
 
 
 def _budget(rows: dict[tuple[Any, ...], Row], label: Any) -> str:
@@ -146,17 +168,24 @@ def _prefill_cell(r: Row | None) -> str:
 def _decode_sweep(rows: list[Row], preset: str) -> list[str]:
     """Headline time per op vs T, bf16 dispatch and its combine, one line per transport
     and op; empty unless the report has at least `MIN_SWEEP_POINTS` decode T."""
-    mine = [r for r in rows if r["preset"] == preset and r["mode"] == DECODE
-            and r["dtype"] == "bf16"]
+    mine = [
+        r for r in rows if r["preset"] == preset and r["mode"] == DECODE and r["dtype"] == "bf16"
+    ]
     tokens = sorted({r["tokens"] for r in mine})
     if len(tokens) < MIN_SWEEP_POINTS:
         return []
     kinds = {time_label(r["time_kind"], r.get("graph_ops")) for r in mine if "time_kind" in r}
     by_key = {(r["transport"], r["op"], r["tokens"]): r for r in mine}
-    body = [[f"{t} {op}", *(_time_cell(by_key.get((t, op, n))) for n in tokens)]
-            for t in dict.fromkeys(r["transport"] for r in mine) for op in (DISPATCH, COMBINE)]
-    return ["", f"decode sweep {preset} bf16, us per op ({', '.join(sorted(kinds)) or '-'})",
-            *("  " + ln for ln in align_table(["T", *map(str, tokens)], body))]
+    body = [
+        [f"{t} {op}", *(_time_cell(by_key.get((t, op, n))) for n in tokens)]
+        for t in dict.fromkeys(r["transport"] for r in mine)
+        for op in (DISPATCH, COMBINE)
+    ]
+    return [
+        "",
+        f"decode sweep {preset} bf16, us per op ({', '.join(sorted(kinds)) or '-'})",
+        *("  " + ln for ln in align_table(["T", *map(str, tokens)], body)),
+    ]
 
 
 def _time_cell(r: Row | None) -> str:
@@ -168,22 +197,29 @@ def _time_cell(r: Row | None) -> str:
 def _sms_sweep(rows: list[Row], preset: str) -> list[str]:
     """Bundled prefill bf16 GB/s vs SM budget (and the other transports at the same T);
     empty unless the report has at least `MIN_SWEEP_POINTS` budgets at one T."""
-    mine = [r for r in rows if r["preset"] == preset and r["mode"] == PREFILL
-            and r["dtype"] == "bf16"]
+    mine = [
+        r for r in rows if r["preset"] == preset and r["mode"] == PREFILL and r["dtype"] == "bf16"
+    ]
     out = []
     for tokens in dict.fromkeys(r["tokens"] for r in mine):
         at_t = [r for r in mine if r["tokens"] == tokens]
-        budgets = list(dict.fromkeys(r["num_sms_label"] for r in at_t
-                                     if r["num_sms_label"] is not None))
+        budgets = list(
+            dict.fromkeys(r["num_sms_label"] for r in at_t if r["num_sms_label"] is not None)
+        )
         if len(budgets) < MIN_SWEEP_POINTS:
             continue
         columns = [(BASELINE, b) for b in budgets] + [
-            (t, None) for t in dict.fromkeys(r["transport"] for r in at_t) if t != BASELINE]
+            (t, None) for t in dict.fromkeys(r["transport"] for r in at_t) if t != BASELINE
+        ]
         by_key = {(r["transport"], r["num_sms_label"], r["op"]): r for r in at_t}
         header = ["op", *(f"sms={b}" if b is not None else t for t, b in columns)]
-        body = [[op, *(_prefill_cell(by_key.get((t, b, op))) for t, b in columns)]
-                for op in (DISPATCH, COMBINE)]
-        out += ["", f"prefill sweep {preset} T={tokens} bf16, {BASELINE} GB/s (% of link) "
-                "vs SM budget",
-                *("  " + ln for ln in align_table(header, body))]
+        body = [
+            [op, *(_prefill_cell(by_key.get((t, b, op))) for t, b in columns)]
+            for op in (DISPATCH, COMBINE)
+        ]
+        out += [
+            "",
+            f"prefill sweep {preset} T={tokens} bf16, {BASELINE} GB/s (% of link) vs SM budget",
+            *("  " + ln for ln in align_table(header, body)),
+        ]
     return out

@@ -35,11 +35,14 @@ def _generator(seed: int, rank: int, stream: int) -> torch.Generator:
 def routing(preset: Preset, world_size: int, tokens: int, seed: int) -> torch.Tensor:
     """[R, T, K] int64 on the CPU: for every source rank, uniform random top-K experts
     per token, without replacement."""
-    return torch.stack([
-        torch.rand(tokens, preset.num_experts, generator=_generator(seed, s, 0))
-        .topk(preset.num_topk, dim=1).indices
-        for s in range(world_size)
-    ])
+    return torch.stack(
+        [
+            torch.rand(tokens, preset.num_experts, generator=_generator(seed, s, 0))
+            .topk(preset.num_topk, dim=1)
+            .indices
+            for s in range(world_size)
+        ]
+    )
 
 
 def quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,8 +60,9 @@ def dequantize(x: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
     return (x.float().unflatten(1, (-1, SCALE_BLOCK)) * scales[:, :, None]).flatten(1)
 
 
-def rank_inputs(preset: Preset, route: torch.Tensor, rank: int, dtype: str, seed: int,
-                device: torch.device) -> RankInputs:
+def rank_inputs(
+    preset: Preset, route: torch.Tensor, rank: int, dtype: str, seed: int, device: torch.device
+) -> RankInputs:
     """Rank `rank`'s tokens for `route` [R, T, K] (from `routing`): random bf16 activations
     (quantized to fp8 when `dtype` is "fp8") and random weights summing to 1 per token."""
     tokens = route.shape[1]
@@ -70,8 +74,13 @@ def rank_inputs(preset: Preset, route: torch.Tensor, rank: int, dtype: str, seed
         x, scales = quantize_fp8(x)
         scales = scales.to(device)
     x = x.to(device)
-    return RankInputs(x=x, x_scales=scales, topk_idx=route[rank].to(device),
-                      topk_weights=weights.to(device), x_ref=dequantize(x, scales))
+    return RankInputs(
+        x=x,
+        x_scales=scales,
+        topk_idx=route[rank].to(device),
+        topk_weights=weights.to(device),
+        x_ref=dequantize(x, scales),
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,8 +100,10 @@ class Traffic:
         world_size = route.shape[0]
         owner = route.div(num_experts // world_size, rounding_mode="floor")
         hits = torch.nn.functional.one_hot(owner, world_size)  # [R, T, K, R]
-        return cls(token_rows=hits.amax(dim=2).sum(dim=1).tolist(),
-                   expert_rows=hits.sum(dim=(1, 2)).tolist())
+        return cls(
+            token_rows=hits.amax(dim=2).sum(dim=1).tolist(),
+            expert_rows=hits.sum(dim=(1, 2)).tolist(),
+        )
 
     def received_rows(self, rank: int, expand: bool) -> list[int]:
         """Rows `rank` receives from each source rank, its own included."""

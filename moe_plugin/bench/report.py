@@ -40,19 +40,36 @@ def result_rows(cfg: BenchConfig, per_rank: list[dict[str, Any]]) -> list[dict[s
 
 def time_label(kind: str, graph_ops: int | None) -> str:
     """How a row's `time_us` was measured, from its `time_kind`."""
-    return {"eager": "eager", "graph": "graph 1 op/replay",
-            "graph_n": f"graph {graph_ops or 'N'} ops/replay (per op)"}[kind]
+    return {
+        "eager": "eager",
+        "graph": "graph 1 op/replay",
+        "graph_n": f"graph {graph_ops or 'N'} ops/replay (per op)",
+    }[kind]
 
 
-def _row(case: Case, op: str, recs: list[dict[str, Any]], link: list[dict[str, Any]],
-         sm_count: int | None, graph_ops: int) -> dict[str, Any]:
+def _row(
+    case: Case,
+    op: str,
+    recs: list[dict[str, Any]],
+    link: list[dict[str, Any]],
+    sm_count: int | None,
+    graph_ops: int,
+) -> dict[str, Any]:
     preset = case.preset
     num_sms = sm_count if case.num_sms == "all" else case.num_sms
     row: dict[str, Any] = {
-        "transport": case.transport, "preset": preset.name, "hidden": preset.hidden,
-        "num_experts": preset.num_experts, "num_topk": preset.num_topk, "mode": case.mode,
-        "dtype": case.dtype, "tokens": case.tokens, "num_sms": num_sms,
-        "num_sms_label": case.num_sms, "op": op, "status": recs[0]["status"],
+        "transport": case.transport,
+        "preset": preset.name,
+        "hidden": preset.hidden,
+        "num_experts": preset.num_experts,
+        "num_topk": preset.num_topk,
+        "mode": case.mode,
+        "dtype": case.dtype,
+        "tokens": case.tokens,
+        "num_sms": num_sms,
+        "num_sms_label": case.num_sms,
+        "op": op,
+        "status": recs[0]["status"],
     }
     if row["status"] != "ok":
         return row
@@ -75,8 +92,10 @@ def _row(case: Case, op: str, recs: list[dict[str, Any]], link: list[dict[str, A
     row["bytes_per_rank"] = received
     row["gbps"] = statistics.fmean(received) / seconds / 1e9
     if all("best_gbps" in ln for ln in link):
-        floors = [max(r["remote_rows"]) * width / (ln["best_gbps"] * 1e9)
-                  for r, ln in zip(recs, link, strict=True)]
+        floors = [
+            max(r["remote_rows"]) * width / (ln["best_gbps"] * 1e9)
+            for r, ln in zip(recs, link, strict=True)
+        ]
         row["floor_us"] = max(floors) * 1e6
         row["vs_floor"] = seconds / max(floors) if max(floors) > 0 else None
     return row
@@ -107,18 +126,20 @@ def graph_column(graph_ops: int | None) -> str:
 def timing_note(graph_ops: int | None) -> list[str]:
     """What the decode time columns mean, as footnote lines."""
     n = graph_ops or "N"
-    return ["us: median over calls (graphs: replays), max over ranks. eager: events around "
-            "each call.",
-            "graph-1: graph 1 op/replay, events around each replay (host launch latency and "
-            "rank skew included).",
-            f"graph-{n}: graph {n} ops/replay (per op): {n} back-to-back calls in one graph, "
-            f"replay time / {n} (launch amortized, as in a decode step).",
-            f"Headline time (x floor, GB/s, summary, plot) = graph-{n} where measured, else "
-            "graph-1, else eager."]
+    return [
+        "us: median over calls (graphs: replays), max over ranks. eager: events around each call.",
+        "graph-1: graph 1 op/replay, events around each replay (host launch latency and "
+        "rank skew included).",
+        f"graph-{n}: graph {n} ops/replay (per op): {n} back-to-back calls in one graph, "
+        f"replay time / {n} (launch amortized, as in a decode step).",
+        f"Headline time (x floor, GB/s, summary, plot) = graph-{n} where measured, else "
+        "graph-1, else eager.",
+    ]
 
 
-def format_tables(rows: list[dict[str, Any]], world_size: int, backend: str,
-                  graph_ops: int | None) -> str:
+def format_tables(
+    rows: list[dict[str, Any]], world_size: int, backend: str, graph_ops: int | None
+) -> str:
     """One table per (transport, preset, mode), in run order; decode tables carry the eager,
     graph-1 and graph-`graph_ops` times, with a footnote saying which is which."""
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
@@ -133,17 +154,44 @@ def format_tables(rows: list[dict[str, Any]], world_size: int, backend: str,
         if not ok:
             continue
         if mode == DECODE:
-            header = ["dtype", "T", "op", "eager us", "graph-1 us", graph_column(graph_ops),
-                      "floor us", "x floor"]
-            body = [[r["dtype"], str(r["tokens"]), r["op"], fmt_number(r["eager_us"]),
-                     fmt_number(r.get("graph_us")), fmt_number(r.get("graph_n_us")),
-                     fmt_number(r.get("floor_us"), 2), fmt_number(r.get("vs_floor"))] for r in ok]
+            header = [
+                "dtype",
+                "T",
+                "op",
+                "eager us",
+                "graph-1 us",
+                graph_column(graph_ops),
+                "floor us",
+                "x floor",
+            ]
+            body = [
+                [
+                    r["dtype"],
+                    str(r["tokens"]),
+                    r["op"],
+                    fmt_number(r["eager_us"]),
+                    fmt_number(r.get("graph_us")),
+                    fmt_number(r.get("graph_n_us")),
+                    fmt_number(r.get("floor_us"), 2),
+                    fmt_number(r.get("vs_floor")),
+                ]
+                for r in ok
+            ]
         else:
             header = ["dtype", "T", "sms", "op", "time us", "GB/s", "floor us", "x floor"]
-            body = [[r["dtype"], str(r["tokens"]), fmt_number(r["num_sms_label"]), r["op"],
-                     fmt_number(r["time_us"]), fmt_number(r["gbps"], 3),
-                     fmt_number(r.get("floor_us")), fmt_number(r.get("vs_floor"), 2)]
-                    for r in ok]
+            body = [
+                [
+                    r["dtype"],
+                    str(r["tokens"]),
+                    fmt_number(r["num_sms_label"]),
+                    r["op"],
+                    fmt_number(r["time_us"]),
+                    fmt_number(r["gbps"], 3),
+                    fmt_number(r.get("floor_us")),
+                    fmt_number(r.get("vs_floor"), 2),
+                ]
+                for r in ok
+            ]
         out += ["  " + line for line in align_table(header, body)]
         if mode == DECODE:
             out += ["  " + line for line in timing_note(graph_ops)]
@@ -157,27 +205,56 @@ def format_summary(report: dict[str, Any]) -> str:
     """A few lines from a `write_json` report: the link bandwidth and the rows at the
     headline T (and SM budget). "us" is the headline time: decode per op in a CUDA graph
     of `graph_ops` calls where measured (the graph-1 and eager times beside it)."""
-    lines = [f"machine: {report['machine'].get('gpu_name') or 'CPU'} x"
-             f"{report['machine']['world_size']} ({report['machine']['backend']}), "
-             f"torch {report['machine']['torch']}, {report['machine']['date']}"]
+    lines = [
+        f"machine: {report['machine'].get('gpu_name') or 'CPU'} x"
+        f"{report['machine']['world_size']} ({report['machine']['backend']}), "
+        f"torch {report['machine']['torch']}, {report['machine']['date']}"
+    ]
     lines.append(link_line(report["link"]))
-    header = ["transport", "preset", "mode", "dtype", "T", "sms", "op", "us", "timed as",
-              "graph-1 us", "eager us", "GB/s", "x floor"]
+    header = [
+        "transport",
+        "preset",
+        "mode",
+        "dtype",
+        "T",
+        "sms",
+        "op",
+        "us",
+        "timed as",
+        "graph-1 us",
+        "eager us",
+        "GB/s",
+        "x floor",
+    ]
     cfg = report["config"]
     body, problems = [], {}
     for r in report["rows"]:
-        if (r["tokens"] != cfg["headline_tokens"][r["mode"]]
-                or r["num_sms_label"] not in (None, cfg["headline_num_sms"])):
+        if r["tokens"] != cfg["headline_tokens"][r["mode"]] or r["num_sms_label"] not in (
+            None,
+            cfg["headline_num_sms"],
+        ):
             continue
         if r["status"] != "ok":
             problems.setdefault(f"{r['transport']} {r['mode']} {r['dtype']}: {r['status']}")
             continue
         kind = r.get("time_kind", "graph" if "graph_us" in r else "eager")
-        body.append([r["transport"], r["preset"], r["mode"], r["dtype"], str(r["tokens"]),
-                     fmt_number(r["num_sms_label"]), r["op"], fmt_number(r["time_us"]),
-                     time_label(kind, r.get("graph_ops")), fmt_number(r.get("graph_us")),
-                     fmt_number(r["eager_us"]), fmt_number(r["gbps"], 3),
-                     fmt_number(r.get("vs_floor"), 2)])
+        body.append(
+            [
+                r["transport"],
+                r["preset"],
+                r["mode"],
+                r["dtype"],
+                str(r["tokens"]),
+                fmt_number(r["num_sms_label"]),
+                r["op"],
+                fmt_number(r["time_us"]),
+                time_label(kind, r.get("graph_ops")),
+                fmt_number(r.get("graph_us")),
+                fmt_number(r["eager_us"]),
+                fmt_number(r["gbps"], 3),
+                fmt_number(r.get("vs_floor"), 2),
+            ]
+        )
     if body:
         lines += align_table(header, body)
     return "\n".join(lines + [f"NOT TIMED {p}" for p in problems])
@@ -188,13 +265,20 @@ def link_line(link: list[dict[str, Any]]) -> str:
     links = [ln for ln in link if "best_gbps" in ln]
     if not links:
         return f"link write bandwidth: {link[0].get('error') if link else 'not measured'}"
-    return ("link write GB/s per GPU (SM stores / copy engine): "
-            f"{min(ln['sm_gbps'] for ln in links):.0f} / "
-            f"{min(ln['copy_engine_gbps'] for ln in links):.0f} (min over ranks)")
+    return (
+        "link write GB/s per GPU (SM stores / copy engine): "
+        f"{min(ln['sm_gbps'] for ln in links):.0f} / "
+        f"{min(ln['copy_engine_gbps'] for ln in links):.0f} (min over ranks)"
+    )
 
 
-def write_json(path: Path, cfg: BenchConfig, machine: dict[str, Any],
-               per_rank: list[dict[str, Any]], rows: list[dict[str, Any]]) -> dict[str, Any]:
+def write_json(
+    path: Path,
+    cfg: BenchConfig,
+    machine: dict[str, Any],
+    per_rank: list[dict[str, Any]],
+    rows: list[dict[str, Any]],
+) -> dict[str, Any]:
     """Write the whole run (machine, settings, link measurement, every row with its raw
     per-rank samples) to `path`; return what was written."""
     report = {

@@ -17,8 +17,9 @@ DispatchFn = Callable[[], Any]
 CombineFn = Callable[[Any], Any]
 
 
-def time_pairs(dispatch: DispatchFn, combine: CombineFn, iters: Iterations
-               ) -> tuple[list[float], list[float]]:
+def time_pairs(
+    dispatch: DispatchFn, combine: CombineFn, iters: Iterations
+) -> tuple[list[float], list[float]]:
     """Call `combine(dispatch())` `iters.warmup` times, then `iters.timed` times, and
     return this rank's (dispatch, combine) durations of the timed calls in microseconds.
     Collective: every rank of the default group calls it with the same `iters`."""
@@ -29,8 +30,9 @@ def time_pairs(dispatch: DispatchFn, combine: CombineFn, iters: Iterations
     return _time_on_cpu(dispatch, combine, iters.timed)
 
 
-def _time_on_gpu(dispatch: DispatchFn, combine: CombineFn, n: int
-                 ) -> tuple[list[float], list[float]]:
+def _time_on_gpu(
+    dispatch: DispatchFn, combine: CombineFn, n: int
+) -> tuple[list[float], list[float]]:
     events = [[torch.cuda.Event(enable_timing=True) for _ in range(3)] for _ in range(n)]
     torch.cuda.synchronize()
     dist.barrier()
@@ -42,12 +44,15 @@ def _time_on_gpu(dispatch: DispatchFn, combine: CombineFn, n: int
         combine(handle)
         end.record()
     torch.cuda.synchronize()
-    return ([s.elapsed_time(m) * 1e3 for s, m, _ in events],
-            [m.elapsed_time(e) * 1e3 for _, m, e in events])
+    return (
+        [s.elapsed_time(m) * 1e3 for s, m, _ in events],
+        [m.elapsed_time(e) * 1e3 for _, m, e in events],
+    )
 
 
-def _time_on_cpu(dispatch: DispatchFn, combine: CombineFn, n: int
-                 ) -> tuple[list[float], list[float]]:
+def _time_on_cpu(
+    dispatch: DispatchFn, combine: CombineFn, n: int
+) -> tuple[list[float], list[float]]:
     d_us, c_us = [], []
     for _ in range(n):
         # Aligns the ranks so a late peer's start is not counted as transfer time.
@@ -62,8 +67,9 @@ def _time_on_cpu(dispatch: DispatchFn, combine: CombineFn, n: int
     return d_us, c_us
 
 
-def capture_graphs(dispatch: DispatchFn, combine: CombineFn, ops: int = 1
-                   ) -> tuple[DispatchFn, CombineFn]:
+def capture_graphs(
+    dispatch: DispatchFn, combine: CombineFn, ops: int = 1
+) -> tuple[DispatchFn, CombineFn]:
     """Capture `ops` consecutive `dispatch()` calls in one CUDA graph and `ops` consecutive
     `combine(last dispatch's result)` calls in another; return their replay functions in
     `time_pairs`' form (they keep the graphs alive; each replay runs `ops` calls).

@@ -46,23 +46,33 @@ def bench_worker(rank: int, world_size: int, cfg: BenchConfig) -> dict[str, Any]
     for case in progress:
         progress.set_postfix_str(case.label)
         records.append(_run_case(case, cfg, rank, world_size, device))
-    return {"rank": rank, "link": link, "cases": records,
-            "sm_count": _sm_count() if on_gpu else None}
+    return {
+        "rank": rank,
+        "link": link,
+        "cases": records,
+        "sm_count": _sm_count() if on_gpu else None,
+    }
 
 
 def _link_bandwidth(cfg: BenchConfig) -> dict[str, Any]:
-    from moe_plugin.nvlink import measure_write_bandwidth
+    from moe_plugin.bench.nvlink import measure_write_bandwidth
 
     err, bw = _try(lambda: measure_write_bandwidth(mib_per_peer=cfg.nvlink_mib))
     err = _agree(err)
     if err:
         return {"error": err}
-    return {"sm_gbps": bw.sm_gbps, "copy_engine_gbps": bw.copy_engine_gbps,
-            "best_gbps": bw.best_gbps, "bytes_per_peer": bw.bytes_per_peer, "peers": bw.peers}
+    return {
+        "sm_gbps": bw.sm_gbps,
+        "copy_engine_gbps": bw.copy_engine_gbps,
+        "best_gbps": bw.best_gbps,
+        "bytes_per_peer": bw.bytes_per_peer,
+        "peers": bw.peers,
+    }
 
 
-def _run_case(case: Case, cfg: BenchConfig, rank: int, world_size: int,
-              device: torch.device) -> dict[str, Any]:
+def _run_case(
+    case: Case, cfg: BenchConfig, rank: int, world_size: int, device: torch.device
+) -> dict[str, Any]:
     preset, expand = case.preset, case.mode == PREFILL
     route = routing(preset, world_size, case.tokens, cfg.seed)
     traffic = Traffic.of(route, preset.num_experts)
@@ -70,9 +80,13 @@ def _run_case(case: Case, cfg: BenchConfig, rank: int, world_size: int,
         "received_rows": traffic.received_rows(rank, expand),
         "remote_rows": traffic.remote_rows(rank),
     }
-    spec = TransportSpec(max_tokens_per_rank=case.tokens, hidden=preset.hidden,
-                         num_topk=preset.num_topk, num_experts=preset.num_experts,
-                         dtype=PAYLOAD[case.dtype])
+    spec = TransportSpec(
+        max_tokens_per_rank=case.tokens,
+        hidden=preset.hidden,
+        num_topk=preset.num_topk,
+        num_experts=preset.num_experts,
+        dtype=PAYLOAD[case.dtype],
+    )
     err, transport = _try(lambda: _build(case, spec))
     err = _agree(err)
     if err:
@@ -80,13 +94,15 @@ def _run_case(case: Case, cfg: BenchConfig, rank: int, world_size: int,
         return record | {"status": f"unavailable: {err}"}
     try:
         inputs = rank_inputs(preset, route, rank, case.dtype, cfg.seed, device)
-        err, wrong = _try(lambda: round_trip_error(transport, inputs, record["received_rows"],
-                                                   expand=expand))
+        err, wrong = _try(
+            lambda: round_trip_error(transport, inputs, record["received_rows"], expand=expand)
+        )
         wrong = _agree(err or wrong)
         if wrong:
             return record | {"status": f"check failed: {wrong}"}
-        err, timings = _try(lambda: _time_case(transport, inputs, record["received_rows"],
-                                                   case, cfg))
+        err, timings = _try(
+            lambda: _time_case(transport, inputs, record["received_rows"], case, cfg)
+        )
         err = _agree(err)
         if err:
             return record | {"status": f"timing failed: {err}"}
@@ -105,16 +121,23 @@ def _build(case: Case, spec: TransportSpec) -> Transport:
     return make_transport(case.transport, spec, **kwargs)
 
 
-def _time_case(transport: Transport, inputs: RankInputs, received_rows: list[int], case: Case,
-               cfg: BenchConfig) -> dict[str, Any]:
+def _time_case(
+    transport: Transport, inputs: RankInputs, received_rows: list[int], case: Case, cfg: BenchConfig
+) -> dict[str, Any]:
     """{"eager": {dispatch: [us], combine: [us]}} and, for decode on the GPU, "graph" (one
     call per replay) and "graph_n" (`cfg.graph_ops` calls per replay, us per call), each
     replaced by "<name>_error": str where capture failed."""
     expand = case.mode == PREFILL
 
     def dispatch() -> Any:
-        return transport.dispatch(inputs.x, inputs.topk_idx, inputs.topk_weights,
-                                  x_scales=inputs.x_scales, expand=expand, cpu_sync=expand)
+        return transport.dispatch(
+            inputs.x,
+            inputs.topk_idx,
+            inputs.topk_weights,
+            x_scales=inputs.x_scales,
+            expand=expand,
+            cpu_sync=expand,
+        )
 
     # Rows of y: the check has confirmed the transport receives exactly these.
     rows = sum(received_rows) if expand else transport.world_size * case.tokens
@@ -136,8 +159,9 @@ def _time_case(transport: Transport, inputs: RankInputs, received_rows: list[int
     return out
 
 
-def _time_graphs(dispatch: DispatchFn, combine: CombineFn, iters: Iterations, ops: int
-                 ) -> tuple[str | None, dict[str, list[float]] | None]:
+def _time_graphs(
+    dispatch: DispatchFn, combine: CombineFn, iters: Iterations, ops: int
+) -> tuple[str | None, dict[str, list[float]] | None]:
     """(None, {dispatch: [us], combine: [us]} per call: each replay's time / `ops`) for
     graphs of `ops` calls replayed `iters` times, or (the agreed capture error, None).
     Collective."""

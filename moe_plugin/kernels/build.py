@@ -29,8 +29,15 @@ from pathlib import Path
 
 SOURCE_DIR = Path(__file__).resolve().parent / "csrc"
 LIBRARY_NAME = "libmoe_plugin_kernels.so"
-NVCC_FLAGS = ("-O3", "-lineinfo", "-std=c++17", "-Xcompiler", "-fPIC",
-              "-Xcompiler", "-fvisibility=hidden")
+NVCC_FLAGS = (
+    "-O3",
+    "-lineinfo",
+    "-std=c++17",
+    "-Xcompiler",
+    "-fPIC",
+    "-Xcompiler",
+    "-fvisibility=hidden",
+)
 
 
 def find_nvcc() -> str | None:
@@ -109,8 +116,14 @@ def _gencode_flags(archs: Sequence[str]) -> list[str]:
     return flags
 
 
-def compile_library(archs: Sequence[str], out_dir: Path, *, nvcc: str | None = None,
-                    jobs: int | None = None, ptxas_verbose: bool = False) -> Path:
+def compile_library(
+    archs: Sequence[str],
+    out_dir: Path,
+    *,
+    nvcc: str | None = None,
+    jobs: int | None = None,
+    ptxas_verbose: bool = False,
+) -> Path:
     """Compile every .cu for `archs` in parallel and link them into `out_dir`/LIBRARY_NAME.
 
     Raises RuntimeError with nvcc's output when a step fails."""
@@ -120,26 +133,40 @@ def compile_library(archs: Sequence[str], out_dir: Path, *, nvcc: str | None = N
     if not archs:
         raise ValueError("archs must name at least one GPU architecture, e.g. ['90']")
     out_dir.mkdir(parents=True, exist_ok=True)
-    common = [nvcc, *NVCC_FLAGS, *_gencode_flags(archs), "-I", str(SOURCE_DIR),
-              "--threads", str(len(archs))]
+    common = [
+        nvcc,
+        *NVCC_FLAGS,
+        *_gencode_flags(archs),
+        "-I",
+        str(SOURCE_DIR),
+        "--threads",
+        str(len(archs)),
+    ]
     if ptxas_verbose:
         common += ["-Xptxas", "-v"]
     srcs = sources()
     objs = [out_dir / (s.stem + ".o") for s in srcs]
     jobs = jobs or max(1, min(len(srcs), os.cpu_count() or 1))
     with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
-        runs = list(pool.map(
-            lambda so: subprocess.run([*common, "-c", str(so[0]), "-o", str(so[1])],
-                                      capture_output=True, text=True),
-            zip(srcs, objs, strict=True)))
+        runs = list(
+            pool.map(
+                lambda so: subprocess.run(
+                    [*common, "-c", str(so[0]), "-o", str(so[1])], capture_output=True, text=True
+                ),
+                zip(srcs, objs, strict=True),
+            )
+        )
     for src, run in zip(srcs, runs, strict=True):
         if run.returncode != 0:
             raise RuntimeError(f"nvcc failed on {src.name}:\n{run.stdout}{run.stderr}")
         if ptxas_verbose:
             print(f"== {src.name}\n{run.stderr}", file=sys.stderr)
     lib = out_dir / LIBRARY_NAME
-    link = subprocess.run([nvcc, "-shared", *_gencode_flags(archs), *map(str, objs),
-                           "-o", str(lib)], capture_output=True, text=True)
+    link = subprocess.run(
+        [nvcc, "-shared", *_gencode_flags(archs), *map(str, objs), "-o", str(lib)],
+        capture_output=True,
+        text=True,
+    )
     if link.returncode != 0:
         raise RuntimeError(f"nvcc failed to link {lib.name}:\n{link.stdout}{link.stderr}")
     return lib
@@ -161,10 +188,12 @@ def ensure_built(archs: Sequence[str] | None = None, *, verbose: bool = False) -
     it first if absent. Safe to call from many processes at once."""
     nvcc = find_nvcc()
     if nvcc is None:
-        raise RuntimeError("nvcc not found: the bundled kernels are built on first use, so "
-                           "set CUDA_HOME or put nvcc on PATH (or prebuild with "
-                           "`python -m moe_plugin.kernels.build` where nvcc exists and share "
-                           "MOE_PLUGIN_CACHE_DIR)")
+        raise RuntimeError(
+            "nvcc not found: the bundled kernels are built on first use, so "
+            "set CUDA_HOME or put nvcc on PATH (or prebuild with "
+            "`python -m moe_plugin.kernels.build` where nvcc exists and share "
+            "MOE_PLUGIN_CACHE_DIR)"
+        )
     archs = list(archs) if archs else [device_arch()]
     target = cache_root() / build_key(archs, nvcc)
     lib = target / LIBRARY_NAME
@@ -179,21 +208,31 @@ def ensure_built(archs: Sequence[str] | None = None, *, verbose: bool = False) -
             target.mkdir(parents=True, exist_ok=True)
             os.replace(built, lib)
         if verbose:
-            print(f"built {lib} for sm_{','.join(archs)} in {time.monotonic() - start:.1f} s",
-                  file=sys.stderr)
+            print(
+                f"built {lib} for sm_{','.join(archs)} in {time.monotonic() - start:.1f} s",
+                file=sys.stderr,
+            )
     return lib
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m moe_plugin.kernels.build",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arch", default=None,
-                        help="comma-separated architectures, e.g. 90 or 90,100 (default: the "
-                             "visible GPU, or 90 plus 100 where nvcc has it)")
-    parser.add_argument("--out-dir", type=Path, default=None,
-                        help="compile into this folder instead of the cache")
-    parser.add_argument("--ptxas-verbose", action="store_true",
-                        help="print register and spill counts of every kernel")
+    parser = argparse.ArgumentParser(
+        prog="python -m moe_plugin.kernels.build", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--arch",
+        default=None,
+        help="comma-separated architectures, e.g. 90 or 90,100 (default: the "
+        "visible GPU, or 90 plus 100 where nvcc has it)",
+    )
+    parser.add_argument(
+        "--out-dir", type=Path, default=None, help="compile into this folder instead of the cache"
+    )
+    parser.add_argument(
+        "--ptxas-verbose",
+        action="store_true",
+        help="print register and spill counts of every kernel",
+    )
     args = parser.parse_args(argv)
     nvcc = find_nvcc()
     if nvcc is None:

@@ -4,10 +4,15 @@
 from moe_plugin.prepare_finalize.base import TransportPrepareAndFinalize
 from moe_plugin.prepare_finalize.decode import DecodePrepareAndFinalize
 from moe_plugin.prepare_finalize.prefill import PrefillPrepareAndFinalize
-from moe_plugin.prepare_finalize.transports import TransportPool
 
-PREPARE_FINALIZE_CLASSES = {"decode": DecodePrepareAndFinalize,
-                            "prefill": PrefillPrepareAndFinalize}
+PREPARE_FINALIZE_CLASSES = {
+    "decode": DecodePrepareAndFinalize,
+    "prefill": PrefillPrepareAndFinalize,
+}
 
-__all__ = ["DecodePrepareAndFinalize", "PREPARE_FINALIZE_CLASSES",
-           "PrefillPrepareAndFinalize", "TransportPool", "TransportPrepareAndFinalize"]
+__all__ = [
+    "DecodePrepareAndFinalize",
+    "PREPARE_FINALIZE_CLASSES",
+    "PrefillPrepareAndFinalize",
+    "TransportPrepareAndFinalize",
+]

@@ -36,17 +36,18 @@ from moe_plugin.prepare_finalize.quant import (
     quantized_dispatch,
 )
 from moe_plugin.prepare_finalize.reduce import rows_for_combine
-from moe_plugin.prepare_finalize.transports import TransportPool
-from moe_plugin.transport import Transport, TransportSpec
+from moe_plugin.transport import Transport, TransportPool, TransportSpec
 from moe_plugin.transport.base import DispatchResult
 
 Hook = Callable[[], None]
 # vLLM releases after 0.32 give the base class an __init__(moe_config, quant_config) and
 # ExpertTokensMetadata a rank_expert_offset field; both are looked for, not assumed.
-_BASE_TAKES_CONFIGS = "moe_config" in inspect.signature(
-    mk.FusedMoEPrepareAndFinalize.__init__).parameters
+_BASE_TAKES_CONFIGS = (
+    "moe_config" in inspect.signature(mk.FusedMoEPrepareAndFinalize.__init__).parameters
+)
 _META_HAS_OFFSET = "rank_expert_offset" in {
-    f.name for f in dataclasses.fields(mk.ExpertTokensMetadata)}
+    f.name for f in dataclasses.fields(mk.ExpertTokensMetadata)
+}
 
 
 class _Pending:
@@ -85,16 +86,22 @@ class TransportPrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
 
     expand: ClassVar[bool]
 
-    def __init__(self, pool: TransportPool, spec: TransportSpec,
-                 quant_config: FusedMoEQuantConfig | None = None,
-                 moe_config: FusedMoEConfig | None = None) -> None:
+    def __init__(
+        self,
+        pool: TransportPool,
+        spec: TransportSpec,
+        quant_config: FusedMoEQuantConfig | None = None,
+        moe_config: FusedMoEConfig | None = None,
+    ) -> None:
         if _BASE_TAKES_CONFIGS:
             super().__init__(moe_config, quant_config)
         else:
             super().__init__()
         if spec.num_experts % pool.world_size:
-            raise ValueError(f"num_experts ({spec.num_experts}) must be a multiple of the "
-                             f"expert-parallel group size ({pool.world_size})")
+            raise ValueError(
+                f"num_experts ({spec.num_experts}) must be a multiple of the "
+                f"expert-parallel group size ({pool.world_size})"
+            )
         self.pool = pool
         self.spec = dataclasses.replace(spec, dtype=torch.bfloat16)
         self.num_local_experts = spec.num_experts // pool.world_size
@@ -137,24 +144,47 @@ class TransportPrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
             self._transport(False)
 
     # ---------------------------------------------------------------- prepare
-    def prepare(self, a1: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-                num_experts: int, expert_map: torch.Tensor | None,
-                apply_router_weight_on_input: bool, quant_config: FusedMoEQuantConfig,
-                defer_input_quant: bool = False) -> mk.PrepareResultType:
+    def prepare(
+        self,
+        a1: torch.Tensor,
+        topk_weights: torch.Tensor,
+        topk_ids: torch.Tensor,
+        num_experts: int,
+        expert_map: torch.Tensor | None,
+        apply_router_weight_on_input: bool,
+        quant_config: FusedMoEQuantConfig,
+        defer_input_quant: bool = False,
+    ) -> mk.PrepareResultType:
         """Dispatch `a1` [T, H] bf16 with its top-k choices; see the module docstring."""
-        return _run(self.prepare_async(a1, topk_weights, topk_ids, num_experts, expert_map,
-                                       apply_router_weight_on_input, quant_config,
-                                       defer_input_quant))
+        return _run(
+            self.prepare_async(
+                a1,
+                topk_weights,
+                topk_ids,
+                num_experts,
+                expert_map,
+                apply_router_weight_on_input,
+                quant_config,
+                defer_input_quant,
+            )
+        )
 
-    def prepare_async(self, a1: torch.Tensor, topk_weights: torch.Tensor,
-                      topk_ids: torch.Tensor, num_experts: int,
-                      expert_map: torch.Tensor | None, apply_router_weight_on_input: bool,
-                      quant_config: FusedMoEQuantConfig, defer_input_quant: bool = False
-                      ) -> tuple[Hook, mk.ReceiverType] | mk.ReceiverType:
+    def prepare_async(
+        self,
+        a1: torch.Tensor,
+        topk_weights: torch.Tensor,
+        topk_ids: torch.Tensor,
+        num_experts: int,
+        expert_map: torch.Tensor | None,
+        apply_router_weight_on_input: bool,
+        quant_config: FusedMoEQuantConfig,
+        defer_input_quant: bool = False,
+    ) -> tuple[Hook, mk.ReceiverType] | mk.ReceiverType:
         """Send now; return `(hook, receiver)` (split-phase transports) or a receiver.
         The hook waits for the tokens, the receiver returns what `prepare` returns."""
         a1, topk_ids, topk_weights = self._checked_inputs(
-            a1, topk_ids, topk_weights, num_experts, apply_router_weight_on_input)
+            a1, topk_ids, topk_weights, num_experts, apply_router_weight_on_input
+        )
         if apply_router_weight_on_input:
             a1 = a1 * topk_weights.to(a1.dtype)
         fp8 = self._fp8_dispatch and quantized_dispatch(quant_config, defer_input_quant)
@@ -164,9 +194,16 @@ class TransportPrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
         transport = self._transport(fp8)
         slot = dbo_current_ubatch_id()
         split = transport.supports_split_phases
-        sent = transport.dispatch(x.contiguous(), topk_ids, topk_weights, x_scales=x_scales,
-                                  expand=self.expand, cpu_sync=self.expand, slot=slot,
-                                  return_recv_hook=split)
+        sent = transport.dispatch(
+            x.contiguous(),
+            topk_ids,
+            topk_weights,
+            x_scales=x_scales,
+            expand=self.expand,
+            cpu_sync=self.expand,
+            slot=slot,
+            return_recv_hook=split,
+        )
         in_flight = _InFlight(transport, _Pending(sent, split))
         self.handles[slot] = in_flight
         quantize_after = not fp8 and not defer_input_quant
@@ -177,19 +214,36 @@ class TransportPrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
         return (in_flight.dispatch.wait, receiver) if split else receiver
 
     # --------------------------------------------------------------- finalize
-    def finalize(self, output: torch.Tensor, fused_expert_output: torch.Tensor,
-                 topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-                 apply_router_weight_on_input: bool,
-                 weight_and_reduce_impl: mk.TopKWeightAndReduce) -> None:
+    def finalize(
+        self,
+        output: torch.Tensor,
+        fused_expert_output: torch.Tensor,
+        topk_weights: torch.Tensor,
+        topk_ids: torch.Tensor,
+        apply_router_weight_on_input: bool,
+        weight_and_reduce_impl: mk.TopKWeightAndReduce,
+    ) -> None:
         """Weight and reduce the experts' rows, combine, and write `output` [T, H]."""
-        _run(self.finalize_async(output, fused_expert_output, topk_weights, topk_ids,
-                                 apply_router_weight_on_input, weight_and_reduce_impl))
+        _run(
+            self.finalize_async(
+                output,
+                fused_expert_output,
+                topk_weights,
+                topk_ids,
+                apply_router_weight_on_input,
+                weight_and_reduce_impl,
+            )
+        )
 
-    def finalize_async(self, output: torch.Tensor, fused_expert_output: torch.Tensor,
-                       topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-                       apply_router_weight_on_input: bool,
-                       weight_and_reduce_impl: mk.TopKWeightAndReduce
-                       ) -> tuple[Hook, Hook] | Hook:
+    def finalize_async(
+        self,
+        output: torch.Tensor,
+        fused_expert_output: torch.Tensor,
+        topk_weights: torch.Tensor,
+        topk_ids: torch.Tensor,
+        apply_router_weight_on_input: bool,
+        weight_and_reduce_impl: mk.TopKWeightAndReduce,
+    ) -> tuple[Hook, Hook] | Hook:
         """Send the rows back now; return `(hook, receiver)` (split-phase transports) or a
         receiver. `output` is valid once the receiver has run."""
         slot = dbo_current_ubatch_id()
@@ -198,12 +252,18 @@ class TransportPrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
             raise RuntimeError(f"finalize for micro-batch {slot} without a prepare before it")
         self.handles[slot] = None
         handle = in_flight.result().handle
-        rows = rows_for_combine(fused_expert_output, topk_weights, topk_ids,
-                                apply_router_weight_on_input, weight_and_reduce_impl)
+        rows = rows_for_combine(
+            fused_expert_output,
+            topk_weights,
+            topk_ids,
+            apply_router_weight_on_input,
+            weight_and_reduce_impl,
+        )
         transport = in_flight.transport
         split = transport.supports_split_phases
-        combined = _Pending(transport.combine(rows, handle, slot=slot,
-                                              return_recv_hook=split), split)
+        combined = _Pending(
+            transport.combine(rows, handle, slot=slot, return_recv_hook=split), split
+        )
 
         def receiver() -> None:
             combined.wait()
@@ -219,27 +279,40 @@ class TransportPrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
         if transport is None:
             dtype = FP8 if fp8 else torch.bfloat16
             transport = self._transports[fp8] = self.pool.get(
-                dataclasses.replace(self.spec, dtype=dtype))
+                dataclasses.replace(self.spec, dtype=dtype)
+            )
         return transport
 
-    def _checked_inputs(self, a1: torch.Tensor, topk_ids: torch.Tensor,
-                        topk_weights: torch.Tensor, num_experts: int,
-                        apply_router_weight_on_input: bool
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _checked_inputs(
+        self,
+        a1: torch.Tensor,
+        topk_ids: torch.Tensor,
+        topk_weights: torch.Tensor,
+        num_experts: int,
+        apply_router_weight_on_input: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if a1.dtype != torch.bfloat16:
-            raise ValueError(f"a1 must be torch.bfloat16 (the transports carry bf16 or fp8 "
-                             f"tokens), got {a1.dtype}")
+            raise ValueError(
+                f"a1 must be torch.bfloat16 (the transports carry bf16 or fp8 "
+                f"tokens), got {a1.dtype}"
+            )
         if num_experts != self.spec.num_experts:
-            raise ValueError(f"num_experts is {num_experts}, the layer was built for "
-                             f"{self.spec.num_experts}")
+            raise ValueError(
+                f"num_experts is {num_experts}, the layer was built for {self.spec.num_experts}"
+            )
         if apply_router_weight_on_input and topk_ids.shape[-1] != 1:
-            raise ValueError("apply_router_weight_on_input needs top-1 routing, got top-"
-                             f"{topk_ids.shape[-1]}")
-        return (a1.contiguous(), topk_ids.to(torch.int64).contiguous(),
-                topk_weights.to(torch.float32).contiguous())
+            raise ValueError(
+                f"apply_router_weight_on_input needs top-1 routing, got top-{topk_ids.shape[-1]}"
+            )
+        return (
+            a1.contiguous(),
+            topk_ids.to(torch.int64).contiguous(),
+            topk_weights.to(torch.float32).contiguous(),
+        )
 
-    def _received(self, result: DispatchResult, quant_config: FusedMoEQuantConfig,
-                  quantize_after: bool) -> mk.PrepareResultType:
+    def _received(
+        self, result: DispatchResult, quant_config: FusedMoEQuantConfig, quantize_after: bool
+    ) -> mk.PrepareResultType:
         local_ids = result.recv_topk_idx
         valid = local_ids >= 0
         global_ids = torch.where(valid, local_ids + self.rank_expert_offset, -1)
@@ -257,7 +330,9 @@ class TransportPrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
         extra = {"rank_expert_offset": self.rank_expert_offset} if _META_HAS_OFFSET else {}
         return mk.ExpertTokensMetadata(
             expert_num_tokens=result.handle.num_recv_tokens_per_expert_device,
-            expert_num_tokens_cpu=torch.tensor(counts, dtype=torch.int32), **extra)
+            expert_num_tokens_cpu=torch.tensor(counts, dtype=torch.int32),
+            **extra,
+        )
 
 
 def _run(ret: tuple[Hook, Callable] | Callable):

@@ -24,23 +24,28 @@ def activation_quant_config(fp8_block: int | None = None) -> FusedMoEQuantConfig
     activations in blocks of `fp8_block` columns, with bf16 weights."""
     if fp8_block is None:
         return FusedMoEQuantConfig.make()
-    return FusedMoEQuantConfig.make(FP8, block_shape=[fp8_block, fp8_block],
-                                    weight_dtype=torch.bfloat16)
+    return FusedMoEQuantConfig.make(
+        FP8, block_shape=[fp8_block, fp8_block], weight_dtype=torch.bfloat16
+    )
 
 
-def quantized_dispatch(quant_config: FusedMoEQuantConfig | None,
-                       defer_input_quant: bool) -> bool:
+def quantized_dispatch(quant_config: FusedMoEQuantConfig | None, defer_input_quant: bool) -> bool:
     """True when tokens travel as fp8 e4m3 with float32 scales per 128 columns: dynamic
     fp8 activations with blocks of width 128, and the experts want them quantized."""
     if quant_config is None or defer_input_quant:
         return False
     block = quant_config.block_shape
-    return (quant_config.quant_dtype == FP8 and block is not None
-            and block[1] == SCALE_BLOCK and quant_config.a1_scale is None)
+    return (
+        quant_config.quant_dtype == FP8
+        and block is not None
+        and block[1] == SCALE_BLOCK
+        and quant_config.a1_scale is None
+    )
 
 
-def quantize_activations(x: torch.Tensor, quant_config: FusedMoEQuantConfig
-                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def quantize_activations(
+    x: torch.Tensor, quant_config: FusedMoEQuantConfig
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Quantize rows of `x` [T, H] as `quant_config` asks for the first GEMM.
 
     Returns (x_q, scales); (x, None) when the config quantizes nothing. Block fp8 gives
@@ -50,16 +55,19 @@ def quantize_activations(x: torch.Tensor, quant_config: FusedMoEQuantConfig
     if quant_dtype is None:
         return x, None
     block = quant_config.block_shape
-    if quant_dtype == FP8 and block is not None and (
-            x.shape[0] == 0 or x.device.type == "cpu"):
+    if quant_dtype == FP8 and block is not None and (x.shape[0] == 0 or x.device.type == "cpu"):
         return fp8_group_quantize(x, block[1])
     if x.shape[0] == 0:
         return x, None
     a1_scale = quant_config.a1_gscale if quant_dtype == "nvfp4" else quant_config.a1_scale
     return moe_kernel_quantize_input(
-        x, a1_scale, quant_dtype=quant_dtype,
-        per_act_token_quant=quant_config.per_act_token_quant, block_shape=block,
-        is_scale_swizzled=quant_config.is_scale_swizzled)
+        x,
+        a1_scale,
+        quant_dtype=quant_dtype,
+        per_act_token_quant=quant_config.per_act_token_quant,
+        block_shape=block,
+        is_scale_swizzled=quant_config.is_scale_swizzled,
+    )
 
 
 def fp8_group_quantize(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,8 +76,9 @@ def fp8_group_quantize(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch
     returns x_q [T, H] fp8 and scales [T, H / group] float32, both contiguous."""
     tokens, hidden = x.shape
     if hidden % group:
-        raise ValueError(f"hidden size {hidden} is not a multiple of the quantization "
-                         f"group {group}")
+        raise ValueError(
+            f"hidden size {hidden} is not a multiple of the quantization group {group}"
+        )
     groups = x.float().reshape(tokens, hidden // group, group)
     scales = groups.abs().amax(dim=-1).clamp_min(_MIN_AMAX) / FP8_MAX
     x_q = (groups / scales.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).to(FP8)

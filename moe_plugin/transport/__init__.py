@@ -1,10 +1,7 @@
-"""Transports: the contract (`base`) and its implementations, built by name."""
+"""Transports: the contract (`base`), its implementations built by name (`factory`), and
+the pool that shares them between the layers of a process group (`pool`)."""
 
 from __future__ import annotations
-
-from typing import Any
-
-import torch.distributed as dist
 
 from moe_plugin.transport.base import (
     DispatchHandle,
@@ -12,24 +9,15 @@ from moe_plugin.transport.base import (
     Transport,
     TransportSpec,
 )
+from moe_plugin.transport.factory import TRANSPORT_NAMES, make_transport
+from moe_plugin.transport.pool import TransportPool
 
-TRANSPORT_NAMES = ("bundled", "torch")
-
-
-def make_transport(name: str, spec: TransportSpec, group: dist.ProcessGroup | None = None,
-                   **kwargs: Any) -> Transport:
-    """Build the transport called `name` ("bundled": our NVLink kernels, CUDA only;
-    "torch": torch.distributed all_to_all) for `spec` over `group`. Collective."""
-    if name == "torch":
-        from moe_plugin.transport.torch_transport import TorchTransport
-
-        return TorchTransport(spec, group, **kwargs)
-    if name == "bundled":
-        from moe_plugin.transport.bundled import BundledTransport
-
-        return BundledTransport(spec, group, **kwargs)
-    raise ValueError(f"unknown transport {name!r}; valid: {', '.join(TRANSPORT_NAMES)}")
-
-
-__all__ = ["DispatchHandle", "DispatchResult", "Transport", "TransportSpec",
-           "TRANSPORT_NAMES", "make_transport"]
+__all__ = [
+    "DispatchHandle",
+    "DispatchResult",
+    "TRANSPORT_NAMES",
+    "Transport",
+    "TransportPool",
+    "TransportSpec",
+    "make_transport",
+]

@@ -165,13 +165,30 @@ class Transport(abc.ABC):
         each expert's segment (expanded only). With `return_recv_hook=True` (only where
         `supports_split_phases`) returns a hook to call once to receive; otherwise the result.
         """
-        self._check_dispatch(x, topk_idx, topk_weights, x_scales, expand, cpu_sync, slot,
-                             expert_alignment, return_recv_hook)
+        self._check_dispatch(
+            x,
+            topk_idx,
+            topk_weights,
+            x_scales,
+            expand,
+            cpu_sync,
+            slot,
+            expert_alignment,
+            return_recv_hook,
+        )
         if debug_enabled():
             self._check_ids_on_host(topk_idx)
-        return self._dispatch(x, topk_idx, topk_weights, x_scales, expand=expand,
-                              cpu_sync=cpu_sync, slot=slot, expert_alignment=expert_alignment,
-                              return_recv_hook=return_recv_hook)
+        return self._dispatch(
+            x,
+            topk_idx,
+            topk_weights,
+            x_scales,
+            expand=expand,
+            cpu_sync=cpu_sync,
+            slot=slot,
+            expert_alignment=expert_alignment,
+            return_recv_hook=return_recv_hook,
+        )
 
     def combine(
         self,
@@ -203,15 +220,25 @@ class Transport(abc.ABC):
 
     # --------------------------------------------------------------- subclass API
     @abc.abstractmethod
-    def _dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
-                  x_scales: torch.Tensor | None, *, expand: bool, cpu_sync: bool, slot: int,
-                  expert_alignment: int, return_recv_hook: bool
-                  ) -> DispatchResult | DispatchHook:
+    def _dispatch(
+        self,
+        x: torch.Tensor,
+        topk_idx: torch.Tensor,
+        topk_weights: torch.Tensor,
+        x_scales: torch.Tensor | None,
+        *,
+        expand: bool,
+        cpu_sync: bool,
+        slot: int,
+        expert_alignment: int,
+        return_recv_hook: bool,
+    ) -> DispatchResult | DispatchHook:
         """Arguments already checked; see `dispatch`."""
 
     @abc.abstractmethod
-    def _combine(self, y: torch.Tensor, handle: DispatchHandle, *, slot: int,
-                 return_recv_hook: bool) -> torch.Tensor | CombineHook:
+    def _combine(
+        self, y: torch.Tensor, handle: DispatchHandle, *, slot: int, return_recv_hook: bool
+    ) -> torch.Tensor | CombineHook:
         """Arguments already checked; see `combine`."""
 
     def expected_recv_rows(self, handle: DispatchHandle) -> int:
@@ -222,10 +249,18 @@ class Transport(abc.ABC):
         return self.world_size * self.spec.max_tokens_per_rank
 
     # ------------------------------------------------------------------ checking
-    def _check_dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor,
-                        topk_weights: torch.Tensor, x_scales: torch.Tensor | None,
-                        expand: bool, cpu_sync: bool, slot: int, expert_alignment: int,
-                        return_recv_hook: bool) -> None:
+    def _check_dispatch(
+        self,
+        x: torch.Tensor,
+        topk_idx: torch.Tensor,
+        topk_weights: torch.Tensor,
+        x_scales: torch.Tensor | None,
+        expand: bool,
+        cpu_sync: bool,
+        slot: int,
+        expert_alignment: int,
+        return_recv_hook: bool,
+    ) -> None:
         spec = self.spec
         _check_slot(slot)
         if expand and not cpu_sync:
@@ -236,41 +271,50 @@ class Transport(abc.ABC):
         _check_tensor("x", x, spec.dtype, self.device, ndim=2)
         tokens, hidden = x.shape
         if hidden != spec.hidden:
-            raise ValueError(f"x has hidden size {hidden}, the transport was built for "
-                             f"{spec.hidden}")
+            raise ValueError(
+                f"x has hidden size {hidden}, the transport was built for {spec.hidden}"
+            )
         if tokens > spec.max_tokens_per_rank:
-            raise ValueError(f"x has {tokens} tokens, more than max_tokens_per_rank="
-                             f"{spec.max_tokens_per_rank}")
-        _check_tensor("topk_idx", topk_idx, torch.int64, self.device,
-                      shape=(tokens, spec.num_topk))
-        _check_tensor("topk_weights", topk_weights, torch.float32, self.device,
-                      shape=(tokens, spec.num_topk))
+            raise ValueError(
+                f"x has {tokens} tokens, more than max_tokens_per_rank={spec.max_tokens_per_rank}"
+            )
+        _check_tensor("topk_idx", topk_idx, torch.int64, self.device, shape=(tokens, spec.num_topk))
+        _check_tensor(
+            "topk_weights", topk_weights, torch.float32, self.device, shape=(tokens, spec.num_topk)
+        )
         if spec.is_fp8:
             if x_scales is None:
-                raise ValueError("x_scales is required for fp8 payloads: "
-                                 f"[{tokens}, {spec.num_scales}] float32")
-            _check_tensor("x_scales", x_scales, torch.float32, self.device,
-                          shape=(tokens, spec.num_scales))
+                raise ValueError(
+                    f"x_scales is required for fp8 payloads: [{tokens}, {spec.num_scales}] float32"
+                )
+            _check_tensor(
+                "x_scales", x_scales, torch.float32, self.device, shape=(tokens, spec.num_scales)
+            )
         elif x_scales is not None:
-            raise ValueError(f"x_scales given, but the transport carries {spec.dtype} "
-                             "payloads without scales")
+            raise ValueError(
+                f"x_scales given, but the transport carries {spec.dtype} payloads without scales"
+            )
 
-    def _check_combine(self, y: torch.Tensor, handle: DispatchHandle, slot: int,
-                       return_recv_hook: bool) -> None:
+    def _check_combine(
+        self, y: torch.Tensor, handle: DispatchHandle, slot: int, return_recv_hook: bool
+    ) -> None:
         _check_slot(slot)
         self._check_hook_arg(return_recv_hook)
         if not isinstance(handle, DispatchHandle):
             raise ValueError(f"handle must be a DispatchHandle, got {type(handle).__name__}")
         if handle.slot != slot:
-            raise ValueError(f"handle was made by a dispatch on slot {handle.slot}, "
-                             f"combine was called with slot={slot}")
+            raise ValueError(
+                f"handle was made by a dispatch on slot {handle.slot}, "
+                f"combine was called with slot={slot}"
+            )
         rows = self.expected_recv_rows(handle)
         _check_tensor("y", y, torch.bfloat16, self.device, shape=(rows, self.spec.hidden))
 
     def _check_hook_arg(self, return_recv_hook: bool) -> None:
         if return_recv_hook and not self.supports_split_phases:
-            raise ValueError(f"{type(self).__name__} has no split phases: "
-                             "return_recv_hook=True is not supported")
+            raise ValueError(
+                f"{type(self).__name__} has no split phases: return_recv_hook=True is not supported"
+            )
 
     def _check_ids_on_host(self, topk_idx: torch.Tensor) -> None:
         bad = (topk_idx < -1) | (topk_idx >= self.spec.num_experts)
@@ -282,8 +326,9 @@ class Transport(abc.ABC):
             )
 
 
-def sanitize_topk_idx(topk_idx: torch.Tensor, num_experts: int,
-                      dropped_ids: torch.Tensor) -> torch.Tensor:
+def sanitize_topk_idx(
+    topk_idx: torch.Tensor, num_experts: int, dropped_ids: torch.Tensor
+) -> torch.Tensor:
     """Return `topk_idx` with ids outside [-1, E) replaced by -1, adding their number to
     `dropped_ids` (device, no host sync)."""
     bad = (topk_idx < -1) | (topk_idx >= num_experts)
@@ -306,8 +351,15 @@ def _check_slot(slot: int) -> None:
         raise ValueError(f"slot must be 0 or 1, got {slot}")
 
 
-def _check_tensor(name: str, t: torch.Tensor, dtype: torch.dtype, device: torch.device, *,
-                  ndim: int | None = None, shape: tuple[int, ...] | None = None) -> None:
+def _check_tensor(
+    name: str,
+    t: torch.Tensor,
+    dtype: torch.dtype,
+    device: torch.device,
+    *,
+    ndim: int | None = None,
+    shape: tuple[int, ...] | None = None,
+) -> None:
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype != dtype:
@@ -319,5 +371,6 @@ def _check_tensor(name: str, t: torch.Tensor, dtype: torch.dtype, device: torch.
     if shape is not None and tuple(t.shape) != shape:
         raise ValueError(f"{name} must have shape {list(shape)}, got {list(t.shape)}")
     if not t.is_contiguous():
-        raise ValueError(f"{name} must be contiguous (shape {list(t.shape)}, "
-                         f"strides {list(t.stride())})")
+        raise ValueError(
+            f"{name} must be contiguous (shape {list(t.shape)}, strides {list(t.stride())})"
+        )

@@ -31,12 +31,16 @@ class TokenLayout:
 
 def destination_ranks(topk_idx: torch.Tensor, num_local_experts: int) -> torch.Tensor:
     """[T, K] rank owning each choice (global id // L), -1 where the id is -1. No host sync."""
-    return torch.where(topk_idx >= 0, topk_idx.div(num_local_experts, rounding_mode="floor"),
-                       torch.full_like(topk_idx, -1))
+    return torch.where(
+        topk_idx >= 0,
+        topk_idx.div(num_local_experts, rounding_mode="floor"),
+        torch.full_like(topk_idx, -1),
+    )
 
 
-def token_layout(topk_idx: torch.Tensor, num_local_experts: int, world_size: int,
-                 max_tokens: int) -> TokenLayout:
+def token_layout(
+    topk_idx: torch.Tensor, num_local_experts: int, world_size: int, max_tokens: int
+) -> TokenLayout:
     """Layout of tokens with sanitized global ids `topk_idx` [T, K] (in [-1, E)) for the
     worst-case [R*Tmax] receive buffers: a token goes to a rank once however many of its
     experts live there. No host sync."""
@@ -54,13 +58,17 @@ def token_layout(topk_idx: torch.Tensor, num_local_experts: int, world_size: int
     # One extra entry absorbs the pairs that are not sent; it is cut off below.
     send_src = torch.full((dump + 1,), tokens, dtype=torch.int64, device=device)
     token_ids = torch.arange(tokens, dtype=torch.int64, device=device)
-    send_src.scatter_(0, torch.where(sent, send_row, dump).flatten(),
-                      token_ids[:, None].expand(tokens, world_size).flatten())
+    send_src.scatter_(
+        0,
+        torch.where(sent, send_row, dump).flatten(),
+        token_ids[:, None].expand(tokens, world_size).flatten(),
+    )
     return TokenLayout(send_src=send_src[:dump], sent=sent, send_row=send_row)
 
 
-def local_topk(global_idx: torch.Tensor, weights: torch.Tensor, rank: int,
-               num_local_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+def local_topk(
+    global_idx: torch.Tensor, weights: torch.Tensor, rank: int, num_local_experts: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Received global ids [M, K] -> (local ids int64, -1 where the expert is not on `rank`;
     weights float32, 0 where the id is -1). No host sync."""
     lo = rank * num_local_experts
@@ -102,13 +110,19 @@ def pair_layout(topk_idx: torch.Tensor, num_experts: int) -> PairLayout:
     order = torch.sort(key, stable=True).indices
     row_of_choice = torch.empty_like(order)
     row_of_choice[order] = torch.arange(order.numel(), dtype=torch.int64, device=device)
-    send_row = torch.where(sent, row_of_choice.view(tokens, topk),
-                           torch.zeros((), dtype=torch.int64, device=device))
+    send_row = torch.where(
+        sent, row_of_choice.view(tokens, topk), torch.zeros((), dtype=torch.int64, device=device)
+    )
     # scatter_add, not bincount: bincount reads its input's max on the host.
     expert_counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=device)
     expert_counts.scatter_add_(0, key, torch.ones_like(key))
-    return PairLayout(pair_token=order.div(topk, rounding_mode="floor"), pair_choice=order,
-                      sent=sent, send_row=send_row, expert_counts=expert_counts[:num_experts])
+    return PairLayout(
+        pair_token=order.div(topk, rounding_mode="floor"),
+        pair_choice=order,
+        sent=sent,
+        send_row=send_row,
+        expert_counts=expert_counts[:num_experts],
+    )
 
 
 @dataclasses.dataclass
@@ -128,8 +142,9 @@ class ExpertSegments:
     num_rows: int
 
 
-def expert_segments(counts: list[list[int]], alignment: int, device: torch.device
-                    ) -> ExpertSegments:
+def expert_segments(
+    counts: list[list[int]], alignment: int, device: torch.device
+) -> ExpertSegments:
     """Segments from the host matrix `counts` [R][L] (pairs received from source s for local
     expert e) and the per-expert row alignment."""
     world_size = len(counts)
@@ -153,18 +168,24 @@ def expert_segments(counts: list[list[int]], alignment: int, device: torch.devic
             received += n
             within[e] += n
     sizes_t = torch.tensor(sizes, dtype=torch.int64, device=device)
-    shift = torch.tensor([d - s for d, s in zip(dst_start, src_start, strict=True)],
-                         dtype=torch.int64, device=device)
-    recv_row = (torch.arange(received, dtype=torch.int64, device=device)
-                + shift.repeat_interleave(sizes_t, output_size=received))
+    shift = torch.tensor(
+        [d - s for d, s in zip(dst_start, src_start, strict=True)], dtype=torch.int64, device=device
+    )
+    recv_row = torch.arange(received, dtype=torch.int64, device=device) + shift.repeat_interleave(
+        sizes_t, output_size=received
+    )
     recv_expert = torch.tensor(experts, dtype=torch.int64, device=device).repeat_interleave(
-        sizes_t, output_size=received)
-    return ExpertSegments(recv_row=recv_row, recv_expert=recv_expert,
-                          segment_sizes=segment_sizes, num_rows=sum(segment_sizes))
+        sizes_t, output_size=received
+    )
+    return ExpertSegments(
+        recv_row=recv_row,
+        recv_expert=recv_expert,
+        segment_sizes=segment_sizes,
+        num_rows=sum(segment_sizes),
+    )
 
 
-def sum_returned_rows(back: torch.Tensor, row: torch.Tensor, valid: torch.Tensor
-                      ) -> torch.Tensor:
+def sum_returned_rows(back: torch.Tensor, row: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """out [T, H] bf16 with out[t] = fp32 sum over j (in order) of back[row[t, j]] where
     valid[t, j]; rows not valid are never read into the sum. No host sync."""
     tokens = row.shape[0]

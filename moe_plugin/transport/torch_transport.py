@@ -92,35 +92,48 @@ class TorchTransport(Transport):
         self._bounded_wait = self.device.type == "cpu"
 
     # ------------------------------------------------------------------ dispatch
-    def _dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
-                  x_scales: torch.Tensor | None, *, expand: bool, cpu_sync: bool, slot: int,
-                  expert_alignment: int, return_recv_hook: bool
-                  ) -> DispatchResult | DispatchHook:
+    def _dispatch(
+        self,
+        x: torch.Tensor,
+        topk_idx: torch.Tensor,
+        topk_weights: torch.Tensor,
+        x_scales: torch.Tensor | None,
+        *,
+        expand: bool,
+        cpu_sync: bool,
+        slot: int,
+        expert_alignment: int,
+        return_recv_hook: bool,
+    ) -> DispatchResult | DispatchHook:
         topk_idx = sanitize_topk_idx(topk_idx, self.spec.num_experts, self.dropped_ids)
         if expand:
-            hook = self._dispatch_pairs(x, topk_idx, topk_weights, x_scales, slot,
-                                        expert_alignment)
+            hook = self._dispatch_pairs(x, topk_idx, topk_weights, x_scales, slot, expert_alignment)
         else:
             hook = self._dispatch_tokens(x, topk_idx, topk_weights, x_scales, slot)
         return hook if return_recv_hook else hook()
 
-    def _dispatch_tokens(self, x: torch.Tensor, topk_idx: torch.Tensor,
-                         topk_weights: torch.Tensor, x_scales: torch.Tensor | None,
-                         slot: int) -> DispatchHook:
+    def _dispatch_tokens(
+        self,
+        x: torch.Tensor,
+        topk_idx: torch.Tensor,
+        topk_weights: torch.Tensor,
+        x_scales: torch.Tensor | None,
+        slot: int,
+    ) -> DispatchHook:
         world, tmax, topk = self.world_size, self.spec.max_tokens_per_rank, self.spec.num_topk
         tokens = x.shape[0]
         layout = token_layout(topk_idx, self.num_local_experts, world, tmax)
         # Row T of both tables is the padding row: zero data, ids -1, weights and scales 0.
-        payload = torch.zeros(tokens + 1, self._row_bytes(), dtype=torch.uint8,
-                              device=self.device)
+        payload = torch.zeros(tokens + 1, self._row_bytes(), dtype=torch.uint8, device=self.device)
         payload[:tokens] = _as_bytes(x)
-        meta = torch.zeros(tokens + 1, 2 * topk + self.spec.num_scales, dtype=torch.int32,
-                           device=self.device)
+        meta = torch.zeros(
+            tokens + 1, 2 * topk + self.spec.num_scales, dtype=torch.int32, device=self.device
+        )
         meta[:tokens, :topk] = topk_idx
         meta[tokens, :topk] = -1
-        meta[:tokens, topk:2 * topk] = topk_weights.view(torch.int32)
+        meta[:tokens, topk : 2 * topk] = topk_weights.view(torch.int32)
         if x_scales is not None:
-            meta[:tokens, 2 * topk:] = x_scales.view(torch.int32)
+            meta[:tokens, 2 * topk :] = x_scales.view(torch.int32)
         send_x = payload.index_select(0, layout.send_src)
         send_meta = meta.index_select(0, layout.send_src)
         recv_x = torch.empty_like(send_x)
@@ -129,32 +142,49 @@ class TorchTransport(Transport):
 
         def receive() -> DispatchResult:
             self._wait(works, f"dispatch (slot {slot})")
-            local, weights = local_topk(recv_meta[:, :topk].long(),
-                                        recv_meta[:, topk:2 * topk].view(torch.float32),
-                                        self.rank, self.num_local_experts)
-            recv_counts = (local >= 0).any(dim=1).view(world, tmax).sum(dim=1,
-                                                                        dtype=torch.int32)
-            handle = DispatchHandle(expand=False, slot=slot, num_tokens=tokens,
-                                    recv_counts=recv_counts,
-                                    state=_CombinePlan(row=layout.send_row, valid=layout.sent))
-            return DispatchResult(recv_x=recv_x.view(self.spec.dtype),
-                                  recv_scales=self._scales_of(recv_meta, 2 * topk),
-                                  recv_topk_idx=local, recv_topk_weights=weights,
-                                  handle=handle)
+            local, weights = local_topk(
+                recv_meta[:, :topk].long(),
+                recv_meta[:, topk : 2 * topk].view(torch.float32),
+                self.rank,
+                self.num_local_experts,
+            )
+            recv_counts = (local >= 0).any(dim=1).view(world, tmax).sum(dim=1, dtype=torch.int32)
+            handle = DispatchHandle(
+                expand=False,
+                slot=slot,
+                num_tokens=tokens,
+                recv_counts=recv_counts,
+                state=_CombinePlan(row=layout.send_row, valid=layout.sent),
+            )
+            return DispatchResult(
+                recv_x=recv_x.view(self.spec.dtype),
+                recv_scales=self._scales_of(recv_meta, 2 * topk),
+                recv_topk_idx=local,
+                recv_topk_weights=weights,
+                handle=handle,
+            )
 
         return receive
 
-    def _dispatch_pairs(self, x: torch.Tensor, topk_idx: torch.Tensor,
-                        topk_weights: torch.Tensor, x_scales: torch.Tensor | None, slot: int,
-                        alignment: int) -> DispatchHook:
+    def _dispatch_pairs(
+        self,
+        x: torch.Tensor,
+        topk_idx: torch.Tensor,
+        topk_weights: torch.Tensor,
+        x_scales: torch.Tensor | None,
+        slot: int,
+        alignment: int,
+    ) -> DispatchHook:
         world, num_local = self.world_size, self.num_local_experts
         tokens = x.shape[0]
         layout = pair_layout(topk_idx, self.spec.num_experts)
         # Counts [R, L] per destination out, per source in; read on the host once.
         send_counts = layout.expert_counts.to(torch.int32)
         recv_counts_by_expert = torch.empty_like(send_counts)
-        self._wait([self._start(recv_counts_by_expert, send_counts)],
-                   f"dispatch count exchange (slot {slot})")
+        self._wait(
+            [self._start(recv_counts_by_expert, send_counts)],
+            f"dispatch count exchange (slot {slot})",
+        )
         host = torch.cat([send_counts, recv_counts_by_expert]).view(2, world, num_local).tolist()
         send_splits = [sum(row) for row in host[0]]
         recv_splits = [sum(row) for row in host[1]]
@@ -163,18 +193,21 @@ class TorchTransport(Transport):
 
         pair_token = layout.pair_token[:num_pairs]
         send_x = _as_bytes(x).index_select(0, pair_token)
-        send_meta = torch.empty(num_pairs, 1 + self.spec.num_scales, dtype=torch.int32,
-                                device=self.device)
+        send_meta = torch.empty(
+            num_pairs, 1 + self.spec.num_scales, dtype=torch.int32, device=self.device
+        )
         send_meta[:, 0] = topk_weights.view(torch.int32).flatten()[layout.pair_choice[:num_pairs]]
         if x_scales is not None:
             send_meta[:, 1:] = x_scales.view(torch.int32).index_select(0, pair_token)
         received = sum(recv_splits)
-        recv_buf_x = torch.empty(received, self._row_bytes(), dtype=torch.uint8,
-                                 device=self.device)
-        recv_buf_meta = torch.empty(received, send_meta.shape[1], dtype=torch.int32,
-                                    device=self.device)
-        works = [self._start(recv_buf_x, send_x, recv_splits, send_splits),
-                 self._start(recv_buf_meta, send_meta, recv_splits, send_splits)]
+        recv_buf_x = torch.empty(received, self._row_bytes(), dtype=torch.uint8, device=self.device)
+        recv_buf_meta = torch.empty(
+            received, send_meta.shape[1], dtype=torch.int32, device=self.device
+        )
+        works = [
+            self._start(recv_buf_x, send_x, recv_splits, send_splits),
+            self._start(recv_buf_meta, send_meta, recv_splits, send_splits),
+        ]
 
         def receive() -> DispatchResult:
             self._wait(works, f"dispatch (slot {slot})")
@@ -184,34 +217,41 @@ class TorchTransport(Transport):
             recv_meta = _place(recv_buf_meta, where, rows, padded)
             recv_idx = torch.full((rows, 1), -1, dtype=torch.int64, device=self.device)
             recv_idx.index_copy_(0, where, segments.recv_expert[:, None])
-            per_expert = torch.tensor(segments.segment_sizes, dtype=torch.int32,
-                                      device=self.device)
+            per_expert = torch.tensor(segments.segment_sizes, dtype=torch.int32, device=self.device)
             handle = DispatchHandle(
-                expand=True, slot=slot, num_tokens=tokens,
+                expand=True,
+                slot=slot,
+                num_tokens=tokens,
                 recv_counts=torch.tensor(recv_splits, dtype=torch.int32, device=self.device),
                 num_recv_tokens_per_expert=list(segments.segment_sizes),
                 num_recv_tokens_per_expert_device=per_expert,
-                state=_CombinePlan(row=layout.send_row, valid=layout.sent,
-                                   send_splits=send_splits, recv_splits=recv_splits,
-                                   back_order=where))
-            return DispatchResult(recv_x=recv_x.view(self.spec.dtype),
-                                  recv_scales=self._scales_of(recv_meta, 1),
-                                  recv_topk_idx=recv_idx,
-                                  recv_topk_weights=recv_meta[:, :1].contiguous().view(
-                                      torch.float32),
-                                  handle=handle)
+                state=_CombinePlan(
+                    row=layout.send_row,
+                    valid=layout.sent,
+                    send_splits=send_splits,
+                    recv_splits=recv_splits,
+                    back_order=where,
+                ),
+            )
+            return DispatchResult(
+                recv_x=recv_x.view(self.spec.dtype),
+                recv_scales=self._scales_of(recv_meta, 1),
+                recv_topk_idx=recv_idx,
+                recv_topk_weights=recv_meta[:, :1].contiguous().view(torch.float32),
+                handle=handle,
+            )
 
         return receive
 
     # ------------------------------------------------------------------- combine
-    def _combine(self, y: torch.Tensor, handle: DispatchHandle, *, slot: int,
-                 return_recv_hook: bool) -> torch.Tensor | CombineHook:
+    def _combine(
+        self, y: torch.Tensor, handle: DispatchHandle, *, slot: int, return_recv_hook: bool
+    ) -> torch.Tensor | CombineHook:
         plan: _CombinePlan = handle.state
         if handle.expand:
             assert plan.back_order is not None and plan.send_splits is not None
             send = y.index_select(0, plan.back_order)
-            back = torch.empty(sum(plan.send_splits), y.shape[1], dtype=y.dtype,
-                               device=self.device)
+            back = torch.empty(sum(plan.send_splits), y.shape[1], dtype=y.dtype, device=self.device)
             work = self._start(back, send, plan.send_splits, plan.recv_splits)
         else:
             back = torch.empty_like(y)
@@ -233,12 +273,17 @@ class TorchTransport(Transport):
             return None
         return meta[:, first:].contiguous().view(torch.float32)
 
-    def _start(self, out: torch.Tensor, inp: torch.Tensor,
-               out_splits: list[int] | None = None, in_splits: list[int] | None = None
-               ) -> dist.Work:
+    def _start(
+        self,
+        out: torch.Tensor,
+        inp: torch.Tensor,
+        out_splits: list[int] | None = None,
+        in_splits: list[int] | None = None,
+    ) -> dist.Work:
         """Launch one all_to_all_single (equal splits when none are given)."""
-        return dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.group,
-                                      async_op=True)
+        return dist.all_to_all_single(
+            out, inp, out_splits, in_splits, group=self.group, async_op=True
+        )
 
     def _wait(self, works: list[dist.Work], what: str) -> None:
         """Complete `works`; on gloo, fail after `timeout_s` naming this rank."""
@@ -260,10 +305,10 @@ def _as_bytes(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.uint8)
 
 
-def _place(rows: torch.Tensor, where: torch.Tensor, num_rows: int, padded: bool
-           ) -> torch.Tensor:
+def _place(rows: torch.Tensor, where: torch.Tensor, num_rows: int, padded: bool) -> torch.Tensor:
     """[num_rows, C] with rows[i] at row where[i]; the rest zero (only allocated zeroed
     when there is padding)."""
-    out = (torch.zeros if padded else torch.empty)(num_rows, rows.shape[1], dtype=rows.dtype,
-                                                     device=rows.device)
+    out = (torch.zeros if padded else torch.empty)(
+        num_rows, rows.shape[1], dtype=rows.dtype, device=rows.device
+    )
     return out.index_copy_(0, where, rows)

@@ -38,17 +38,26 @@ class Inputs:
     idx: torch.Tensor
     w: torch.Tensor
 
-    def of(self, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                     torch.Tensor | None]:
+    def of(self, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(x, topk_idx, topk_weights, x_scales) of `rank`, contiguous."""
         n = self.tokens[rank]
         scales = None if self.scales is None else self.scales[rank, :n].contiguous()
-        return (self.x[rank, :n].contiguous(), self.idx[rank, :n].contiguous(),
-                self.w[rank, :n].contiguous(), scales)
+        return (
+            self.x[rank, :n].contiguous(),
+            self.idx[rank, :n].contiguous(),
+            self.w[rank, :n].contiguous(),
+            scales,
+        )
 
 
-def make_inputs(spec: TransportSpec, world: int, tokens: list[int], seed: int,
-                routing: str = "uniform", bad_ids: bool = False) -> Inputs:
+def make_inputs(
+    spec: TransportSpec,
+    world: int,
+    tokens: list[int],
+    seed: int,
+    routing: str = "uniform",
+    bad_ids: bool = False,
+) -> Inputs:
     """Random inputs of every rank, identical on every rank (one device generator seed).
 
     routing: "uniform" (distinct experts, ~10% of choices -1), "skewed" (every token to
@@ -69,8 +78,7 @@ def make_inputs(spec: TransportSpec, world: int, tokens: list[int], seed: int,
         uniform = torch.rand(world, tmax, e, generator=g, device=device).topk(k, dim=2).indices
     else:
         uniform = torch.randint(0, e, (world, tmax, k), generator=g, device=device)
-    uniform = torch.where(torch.rand(world, tmax, k, generator=g, device=device) < 0.1,
-                          -1, uniform)
+    uniform = torch.where(torch.rand(world, tmax, k, generator=g, device=device) < 0.1, -1, uniform)
     hot = torch.randint(0, world, (1,), generator=g, device=device)
     skewed = hot * local + torch.randint(0, local, (world, tmax, k), generator=g, device=device)
     none = torch.full_like(uniform, -1)
@@ -83,8 +91,7 @@ def make_inputs(spec: TransportSpec, world: int, tokens: list[int], seed: int,
     if bad_ids:
         bad = torch.tensor([e, e + 5, -2, -(1 << 40), 1 << 40], device=device)
         which = torch.randint(0, 5, idx.shape, generator=g, device=device)
-        idx = torch.where(torch.rand(idx.shape, generator=g, device=device) < 0.05,
-                          bad[which], idx)
+        idx = torch.where(torch.rand(idx.shape, generator=g, device=device) < 0.05, bad[which], idx)
     w = torch.rand(world, tmax, k, generator=g, device=device)
     return Inputs(spec, list(tokens), x, scales, idx.contiguous(), w)
 
@@ -109,8 +116,7 @@ def build_pair(spec: TransportSpec, **kw: object) -> tuple[Transport, Transport]
 
 
 # --------------------------------------------------------------------------- running
-def run_scenarios(rank: int, world: int, scenarios: dict[str, Scenario]
-                  ) -> dict[str, list[str]]:
+def run_scenarios(rank: int, world: int, scenarios: dict[str, Scenario]) -> dict[str, list[str]]:
     """Worker: run every scenario on this rank, in order, with a barrier after each; return
     its mismatch messages per scenario."""
     torch.manual_seed(rank)

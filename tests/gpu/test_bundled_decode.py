@@ -49,7 +49,7 @@ def expected_receive(inp: Inputs, rank: int) -> dict[str, torch.Tensor]:
     rows = world * tmax
     device = inp.x.device
     out_x = torch.zeros(rows + 1, spec.hidden, dtype=spec.dtype, device=device)
-    out_s = (torch.zeros(rows + 1, spec.num_scales, device=device) if spec.is_fp8 else None)
+    out_s = torch.zeros(rows + 1, spec.num_scales, device=device) if spec.is_fp8 else None
     out_i = torch.full((rows + 1, spec.num_topk), -1, dtype=torch.int64, device=device)
     out_w = torch.zeros(rows + 1, spec.num_topk, device=device)
     counts = []
@@ -70,10 +70,14 @@ def expected_receive(inp: Inputs, rank: int) -> dict[str, torch.Tensor]:
     j = torch.arange(tmax, device=device)
     valid = (j[None, :] < counts_t[:, None]).flatten()
     # The dump row collects tokens sent elsewhere; padding ids / weights are -1 / 0.
-    return {"x": out_x[:rows], "scales": None if out_s is None else out_s[:rows],
-            "idx": torch.where(valid[:, None], out_i[:rows], -1),
-            "w": torch.where(valid[:, None], out_w[:rows], 0.0), "valid": valid,
-            "counts": counts_t}
+    return {
+        "x": out_x[:rows],
+        "scales": None if out_s is None else out_s[:rows],
+        "idx": torch.where(valid[:, None], out_i[:rows], -1),
+        "w": torch.where(valid[:, None], out_w[:rows], 0.0),
+        "valid": valid,
+        "counts": counts_t,
+    }
 
 
 def receive_mismatches(got: DispatchResult, exp: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -81,8 +85,9 @@ def receive_mismatches(got: DispatchResult, exp: dict[str, torch.Tensor]) -> tor
     valid = exp["valid"][:, None]
     bad = ((got.recv_x.view(torch.uint8) != exp["x"].view(torch.uint8)) & valid).sum()
     if exp["scales"] is not None:
-        bad += ((got.recv_scales.view(torch.int32) != exp["scales"].view(torch.int32))
-                & valid).sum()
+        bad += (
+            (got.recv_scales.view(torch.int32) != exp["scales"].view(torch.int32)) & valid
+        ).sum()
     bad += (got.recv_topk_idx != exp["idx"]).sum()
     bad += (got.recv_topk_weights.view(torch.int32) != exp["w"].view(torch.int32)).sum()
     bad += (got.handle.recv_counts != exp["counts"]).sum()
@@ -98,7 +103,7 @@ def combine_mismatches(out: torch.Tensor, inp: Inputs, rank: int) -> torch.Tenso
     coef = torch.where(idx >= 0, w * expert_scale(idx.clamp(min=0)), 0.0)
     values = dequantize(x, scales)
     dense = coef.sum(dim=1, keepdim=True) * values
-    bound = coef.abs().sum(dim=1, keepdim=True) * values.abs() * 2.0 ** -7 + 1e-6
+    bound = coef.abs().sum(dim=1, keepdim=True) * values.abs() * 2.0**-7 + 1e-6
     bad = ((out.float() - dense).abs() > bound) | ~torch.isfinite(out.float())
     return bad.sum() + (out.shape[0] != x.shape[0])
 
@@ -113,15 +118,25 @@ def compare_results(a: DispatchResult, b: DispatchResult, what: str) -> list[str
     tmax = a.recv_x.shape[0] // len(counts_a)
     rows = torch.cat([torch.arange(s * tmax, s * tmax + n) for s, n in enumerate(counts_a)])
     rows = rows.to(a.recv_x.device)
-    pairs = [("recv_x rows", a.recv_x.view(torch.uint8)[rows], b.recv_x.view(torch.uint8)[rows]),
-             ("recv_topk_idx", a.recv_topk_idx, b.recv_topk_idx),
-             ("recv_topk_weights", a.recv_topk_weights.view(torch.int32),
-              b.recv_topk_weights.view(torch.int32))]
+    pairs = [
+        ("recv_x rows", a.recv_x.view(torch.uint8)[rows], b.recv_x.view(torch.uint8)[rows]),
+        ("recv_topk_idx", a.recv_topk_idx, b.recv_topk_idx),
+        (
+            "recv_topk_weights",
+            a.recv_topk_weights.view(torch.int32),
+            b.recv_topk_weights.view(torch.int32),
+        ),
+    ]
     if a.recv_scales is not None or b.recv_scales is not None:
         if a.recv_scales is None or b.recv_scales is None:
             return errors + [f"{what}: recv_scales present on one transport only"]
-        pairs.append(("recv_scales rows", a.recv_scales.view(torch.int32)[rows],
-                      b.recv_scales.view(torch.int32)[rows]))
+        pairs.append(
+            (
+                "recv_scales rows",
+                a.recv_scales.view(torch.int32)[rows],
+                b.recv_scales.view(torch.int32)[rows],
+            )
+        )
     for name, u, v in pairs:
         if u.shape != v.shape:
             errors.append(f"{what}: {name} shapes {list(u.shape)} != {list(v.shape)}")
@@ -130,8 +145,16 @@ def compare_results(a: DispatchResult, b: DispatchResult, what: str) -> list[str
     return errors
 
 
-def against_torch(bundled: Transport, ref: Transport, inp: Inputs, what: str, *,
-                  slot: int = 0, hooks: bool = False, cpu_sync: bool = False) -> list[str]:
+def against_torch(
+    bundled: Transport,
+    ref: Transport,
+    inp: Inputs,
+    what: str,
+    *,
+    slot: int = 0,
+    hooks: bool = False,
+    cpu_sync: bool = False,
+) -> list[str]:
     """One dispatch + combine on both transports, compared bit for bit, and combine against
     the dense sum."""
     rank = dist.get_rank()
@@ -139,8 +162,16 @@ def against_torch(bundled: Transport, ref: Transport, inp: Inputs, what: str, *,
     errors = []
     results = []
     for t in (bundled, ref):
-        got = t.dispatch(x, idx, w, x_scales=scales, expand=False, cpu_sync=cpu_sync,
-                         slot=slot, return_recv_hook=hooks and t is bundled)
+        got = t.dispatch(
+            x,
+            idx,
+            w,
+            x_scales=scales,
+            expand=False,
+            cpu_sync=cpu_sync,
+            slot=slot,
+            return_recv_hook=hooks and t is bundled,
+        )
         results.append(got() if callable(got) else got)
     errors += compare_results(results[0], results[1], what)
     outs = []
@@ -149,9 +180,11 @@ def against_torch(bundled: Transport, ref: Transport, inp: Inputs, what: str, *,
         out = t.combine(y, res.handle, slot=slot, return_recv_hook=hooks and t is bundled)
         outs.append(out() if callable(out) else out)
     if not torch.equal(outs[0].view(torch.int16), outs[1].view(torch.int16)):
-        errors.append(f"{what}: combine differs from the torch transport in "
-                      f"{int((outs[0].view(torch.int16) != outs[1].view(torch.int16)).sum())} "
-                      "elements")
+        errors.append(
+            f"{what}: combine differs from the torch transport in "
+            f"{int((outs[0].view(torch.int16) != outs[1].view(torch.int16)).sum())} "
+            "elements"
+        )
     bad = int(combine_mismatches(outs[0], inp, rank))
     if bad:
         errors.append(f"{what}: combine off the dense sum in {bad} elements")
@@ -185,8 +218,14 @@ def scenario_shapes(world: int) -> list[str]:
     """K in {1, 2, 8, 16, 32}, odd H, every routing (skewed, none, mixed), both dtypes."""
     errors = []
     rng = random.Random(7)
-    shapes = [(8, 1, world), (136, 2, 2 * world), (264, 8, 8 * world), (512, 16, 64),
-              (1024, 32, 64), (256, 8, 1024)]
+    shapes = [
+        (8, 1, world),
+        (136, 2, 2 * world),
+        (264, 8, 8 * world),
+        (512, 16, 64),
+        (1024, 32, 64),
+        (256, 8, 1024),
+    ]
     for hidden, topk, experts in shapes:
         for dtype in (BF16, FP8):
             if dtype == FP8 and hidden % SCALE_BLOCK:
@@ -196,8 +235,9 @@ def scenario_shapes(world: int) -> list[str]:
             for routing in ("uniform", "skewed", "none", "mixed"):
                 tokens = [rng.choice([0, 1, 5, 24]) for _ in range(world)]
                 inp = make_inputs(spec, world, tokens, rng.randrange(1 << 20), routing)
-                errors += against_torch(bundled, ref, inp,
-                                        f"H{hidden} K{topk} E{experts} {dtype} {routing}")
+                errors += against_torch(
+                    bundled, ref, inp, f"H{hidden} K{topk} E{experts} {dtype} {routing}"
+                )
             bundled.check()
             bundled.destroy()
             ref.destroy()
@@ -223,8 +263,7 @@ def scenario_large_tmax(world: int) -> list[str]:
         for shift in range(2):
             tokens = [[16384, 0, 5000, 16384][(r + shift) % 4] for r in range(world)]
             inp = make_inputs(spec, world, tokens, seed=40 + shift, routing="mixed")
-            errors += against_torch(bundled, ref, inp, f"Tmax 16384 {dtype} T{tokens}",
-                                    slot=shift)
+            errors += against_torch(bundled, ref, inp, f"Tmax 16384 {dtype} T{tokens}", slot=shift)
             del inp
         inp = make_inputs(spec, world, token_mix(world, 128, 1), seed=42)
         errors += against_torch(bundled, ref, inp, f"Tmax 16384 {dtype} small T")
@@ -250,19 +289,32 @@ def scenario_slots_and_hooks(world: int) -> list[str]:
     spec = TransportSpec(64, 2048, 8, 128, BF16)
     bundled, ref = build_pair(spec)
     for it in range(6):
-        inps = [make_inputs(spec, world, token_mix(world, 64, it + s), seed=100 + 2 * it + s)
-                for s in range(2)]
+        inps = [
+            make_inputs(spec, world, token_mix(world, 64, it + s), seed=100 + 2 * it + s)
+            for s in range(2)
+        ]
         hooks = []
         for slot in (0, 1):
             x, idx, w, scales = inps[slot].of(rank)
-            hooks.append(bundled.dispatch(x, idx, w, x_scales=scales, expand=False,
-                                          cpu_sync=False, slot=slot, return_recv_hook=True))
+            hooks.append(
+                bundled.dispatch(
+                    x,
+                    idx,
+                    w,
+                    x_scales=scales,
+                    expand=False,
+                    cpu_sync=False,
+                    slot=slot,
+                    return_recv_hook=True,
+                )
+            )
         results = [hooks[1](), hooks[0]()][::-1]
         combine_hooks = []
         for slot in (1, 0):
             y = y_of(results[slot], rank, bundled.num_local_experts)
-            combine_hooks.append((slot, bundled.combine(y, results[slot].handle, slot=slot,
-                                                        return_recv_hook=True)))
+            combine_hooks.append(
+                (slot, bundled.combine(y, results[slot].handle, slot=slot, return_recv_hook=True))
+            )
         outs = {slot: hook() for slot, hook in combine_hooks}
         for slot in (0, 1):
             x, idx, w, scales = inps[slot].of(rank)
@@ -272,8 +324,9 @@ def scenario_slots_and_hooks(world: int) -> list[str]:
             if bad:
                 errors.append(f"iter {it} slot {slot}: combine off in {bad} elements")
         # cpu_sync=True takes the same path.
-        errors += against_torch(bundled, ref, inps[0], f"iter {it} plain", slot=it % 2,
-                                cpu_sync=True)
+        errors += against_torch(
+            bundled, ref, inps[0], f"iter {it} plain", slot=it % 2, cpu_sync=True
+        )
     bundled.check()
     bundled.destroy()
     ref.destroy()
@@ -285,22 +338,32 @@ def scenario_graphs(world: int) -> list[str]:
     copied into the captured tensors; checked every replay on the device, and bit for bit
     against eager calls every 100 replays."""
     errors = []
-    for (hidden, experts, topk), dtype in ((PRESETS["qwen3-30b-a3b"], BF16),
-                                          (PRESETS["deepseek-v3"], FP8)):
+    for (hidden, experts, topk), dtype in (
+        (PRESETS["qwen3-30b-a3b"], BF16),
+        (PRESETS["deepseek-v3"], FP8),
+    ):
         errors += _graph_case(world, TransportSpec(128, hidden, topk, experts, dtype))
     return errors
 
 
-def _layer_step(bundled: Transport, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor,
-                scales: torch.Tensor | None) -> tuple[DispatchResult, torch.Tensor]:
+def _layer_step(
+    bundled: Transport,
+    x: torch.Tensor,
+    idx: torch.Tensor,
+    w: torch.Tensor,
+    scales: torch.Tensor | None,
+) -> tuple[DispatchResult, torch.Tensor]:
     """What one MoE layer does: dispatch, the toy experts, combine. Returns a copy of the
     received rows taken before combine (as a layer consumes them): once combine is issued,
     a peer may start its next call and, in a replayed graph, reuse the same buffers."""
     res = bundled.dispatch(x, idx, w, x_scales=scales, expand=False, cpu_sync=False)
     kept = DispatchResult(
-        res.recv_x.clone(), None if res.recv_scales is None else res.recv_scales.clone(),
-        res.recv_topk_idx.clone(), res.recv_topk_weights.clone(),
-        dataclasses.replace(res.handle, recv_counts=res.handle.recv_counts.clone()))
+        res.recv_x.clone(),
+        None if res.recv_scales is None else res.recv_scales.clone(),
+        res.recv_topk_idx.clone(),
+        res.recv_topk_weights.clone(),
+        dataclasses.replace(res.handle, recv_counts=res.handle.recv_counts.clone()),
+    )
     y = y_of(res, bundled.rank, bundled.num_local_experts)
     return kept, bundled.combine(y, res.handle)
 
@@ -322,8 +385,9 @@ def _graph_case(world: int, spec: TransportSpec) -> list[str]:
         res_g, out_g = _layer_step(bundled, x, idx, w, scales)
     bad = torch.zeros((), dtype=torch.int64, device=x.device)
     for it in range(1000):
-        fresh = make_inputs(spec, world, tokens, seed=1000 + it,
-                            routing="mixed" if it % 3 == 2 else "uniform")
+        fresh = make_inputs(
+            spec, world, tokens, seed=1000 + it, routing="mixed" if it % 3 == 2 else "uniform"
+        )
         for static, new in zip((x, idx, w, scales), fresh.of(rank), strict=True):
             if static is not None:
                 static.copy_(new)
@@ -355,17 +419,27 @@ def scenario_soak(world: int) -> list[str]:
     bad = torch.zeros((), dtype=torch.int64, device=device)
     for it in range(10_000):
         tokens = [rng.choice([0, rng.randint(1, 32), 32]) for _ in range(world)]
-        inp = make_inputs(spec, world, tokens, seed=it,
-                          routing=rng.choice(["uniform", "uniform", "skewed", "mixed"]))
+        inp = make_inputs(
+            spec,
+            world,
+            tokens,
+            seed=it,
+            routing=rng.choice(["uniform", "uniform", "skewed", "mixed"]),
+        )
         slot = rng.randrange(2)
         hooks = rng.random() < 0.5
         x, idx, w, scales = inp.of(rank)
-        got = bundled.dispatch(x, idx, w, expand=False, cpu_sync=False, slot=slot,
-                               return_recv_hook=hooks)
+        got = bundled.dispatch(
+            x, idx, w, expand=False, cpu_sync=False, slot=slot, return_recv_hook=hooks
+        )
         res = got() if hooks else got
         bad += receive_mismatches(res, expected_receive(inp, rank))
-        out = bundled.combine(y_of(res, rank, bundled.num_local_experts), res.handle,
-                              slot=slot, return_recv_hook=hooks)
+        out = bundled.combine(
+            y_of(res, rank, bundled.num_local_experts),
+            res.handle,
+            slot=slot,
+            return_recv_hook=hooks,
+        )
         bad += combine_mismatches(out() if hooks else out, inp, rank)
     bundled.check()
     bundled.destroy()
@@ -426,9 +500,11 @@ def scenario_lifecycle(world: int) -> list[str]:
 
 def _empty_call(spec: TransportSpec) -> tuple[torch.Tensor, ...]:
     device = torch.device("cuda", torch.cuda.current_device())
-    return (torch.empty(0, spec.hidden, dtype=spec.dtype, device=device),
-            torch.empty(0, spec.num_topk, dtype=torch.int64, device=device),
-            torch.empty(0, spec.num_topk, device=device))
+    return (
+        torch.empty(0, spec.hidden, dtype=spec.dtype, device=device),
+        torch.empty(0, spec.num_topk, dtype=torch.int64, device=device),
+        torch.empty(0, spec.num_topk, device=device),
+    )
 
 
 def scenario_absent_peer(world: int) -> list[str]:
@@ -444,12 +520,16 @@ def scenario_absent_peer(world: int) -> list[str]:
         t.combine(torch.zeros_like(res.recv_x), res.handle)
         try:
             t.check()
-            errors.append(f"rank {rank}: check() did not raise although rank {world - 1} "
-                          "never called")
+            errors.append(
+                f"rank {rank}: check() did not raise although rank {world - 1} never called"
+            )
         except RuntimeError as e:
             text = str(e)
-            if f"rank {rank}" not in text or f"peer rank {world - 1}" not in text \
-                    or "timed out" not in text:
+            if (
+                f"rank {rank}" not in text
+                or f"peer rank {world - 1}" not in text
+                or "timed out" not in text
+            ):
                 errors.append(f"rank {rank}: unclear timeout message: {text}")
     t.destroy()
     return errors
@@ -467,8 +547,7 @@ def scenario_bad_construction(world: int) -> list[str]:
         if "bogus" not in str(e):
             errors.append(f"unclear message for an unknown mode: {e}")
     decode_only = make_transport("bundled", spec, None, modes=("decode",))
-    x, topk_idx, topk_weights, _ = make_inputs(spec, world, [4] * world, seed=5).of(
-        dist.get_rank())
+    x, topk_idx, topk_weights, _ = make_inputs(spec, world, [4] * world, seed=5).of(dist.get_rank())
     try:
         decode_only.dispatch(x, topk_idx, topk_weights, expand=True, cpu_sync=True)
         errors.append("expand=True ran on a transport built with modes=('decode',)")

@@ -48,22 +48,33 @@ def combine_mismatches(out: torch.Tensor, inp: Inputs, rank: int) -> torch.Tenso
     coef = torch.where(idx >= 0, w * expert_scale(idx.clamp(min=0)), 0.0)
     values = dequantize(x, scales)
     dense = coef.sum(dim=1, keepdim=True) * values
-    bound = coef.abs().sum(dim=1, keepdim=True) * values.abs() * 3 * 2.0 ** -8
+    bound = coef.abs().sum(dim=1, keepdim=True) * values.abs() * 3 * 2.0**-8
     bad = ((out.float() - dense).abs() > bound) | ~torch.isfinite(out.float())
     return bad.sum() + (out.shape[0] != x.shape[0])
 
 
-def dispatch(t: Transport, inp: Inputs, *, slot: int = 0, alignment: int = 1,
-             hook: bool = False) -> DispatchResult:
+def dispatch(
+    t: Transport, inp: Inputs, *, slot: int = 0, alignment: int = 1, hook: bool = False
+) -> DispatchResult:
     """Expanded dispatch of this rank's part of `inp` (through the hook when `hook`)."""
     x, idx, w, scales = inp.of(dist.get_rank())
-    got = t.dispatch(x, idx, w, x_scales=scales, expand=True, cpu_sync=True, slot=slot,
-                     expert_alignment=alignment, return_recv_hook=hook)
+    got = t.dispatch(
+        x,
+        idx,
+        w,
+        x_scales=scales,
+        expand=True,
+        cpu_sync=True,
+        slot=slot,
+        expert_alignment=alignment,
+        return_recv_hook=hook,
+    )
     return got() if hook else got
 
 
-def combine(t: Transport, res: DispatchResult, *, slot: int = 0, hook: bool = False
-            ) -> torch.Tensor:
+def combine(
+    t: Transport, res: DispatchResult, *, slot: int = 0, hook: bool = False
+) -> torch.Tensor:
     """Combine of the toy experts' outputs for `res` (through the hook when `hook`)."""
     y = y_of(res, dist.get_rank(), t.num_local_experts)
     out = t.combine(y, res.handle, slot=slot, return_recv_hook=hook)
@@ -75,24 +86,40 @@ def compare_expanded(a: DispatchResult, b: DispatchResult, what: str) -> list[st
     and the data and scales of every row that is not alignment padding."""
     ha, hb = a.handle, b.handle
     if ha.num_recv_tokens_per_expert != hb.num_recv_tokens_per_expert:
-        return [f"{what}: segments {ha.num_recv_tokens_per_expert} != "
-                f"{hb.num_recv_tokens_per_expert}"]
+        return [
+            f"{what}: segments {ha.num_recv_tokens_per_expert} != {hb.num_recv_tokens_per_expert}"
+        ]
     errors = []
-    for name, u, v in (("recv_counts", ha.recv_counts, hb.recv_counts),
-                       ("segments (device)", ha.num_recv_tokens_per_expert_device,
-                        hb.num_recv_tokens_per_expert_device)):
+    for name, u, v in (
+        ("recv_counts", ha.recv_counts, hb.recv_counts),
+        (
+            "segments (device)",
+            ha.num_recv_tokens_per_expert_device,
+            hb.num_recv_tokens_per_expert_device,
+        ),
+    ):
         if u.dtype != torch.int32 or not torch.equal(u, v):
             errors.append(f"{what}: {name} {u.tolist()} ({u.dtype}) != {v.tolist()}")
     rows = (b.recv_topk_idx[:, 0] >= 0).nonzero().flatten()
-    pairs = [("recv_x rows", a.recv_x.view(torch.uint8)[rows], b.recv_x.view(torch.uint8)[rows]),
-             ("recv_topk_idx", a.recv_topk_idx, b.recv_topk_idx),
-             ("recv_topk_weights", a.recv_topk_weights.view(torch.int32),
-              b.recv_topk_weights.view(torch.int32))]
+    pairs = [
+        ("recv_x rows", a.recv_x.view(torch.uint8)[rows], b.recv_x.view(torch.uint8)[rows]),
+        ("recv_topk_idx", a.recv_topk_idx, b.recv_topk_idx),
+        (
+            "recv_topk_weights",
+            a.recv_topk_weights.view(torch.int32),
+            b.recv_topk_weights.view(torch.int32),
+        ),
+    ]
     if (a.recv_scales is None) != (b.recv_scales is None):
         return errors + [f"{what}: recv_scales present on one transport only"]
     if a.recv_scales is not None:
-        pairs.append(("recv_scales rows", a.recv_scales.view(torch.int32)[rows],
-                      b.recv_scales.view(torch.int32)[rows]))
+        pairs.append(
+            (
+                "recv_scales rows",
+                a.recv_scales.view(torch.int32)[rows],
+                b.recv_scales.view(torch.int32)[rows],
+            )
+        )
     for name, u, v in pairs:
         if u.shape != v.shape or u.dtype != v.dtype:
             errors.append(f"{what}: {name} {u.dtype}{list(u.shape)} != {v.dtype}{list(v.shape)}")
@@ -101,8 +128,16 @@ def compare_expanded(a: DispatchResult, b: DispatchResult, what: str) -> list[st
     return errors
 
 
-def against_torch(bundled: Transport, ref: Transport, inp: Inputs, what: str, *,
-                  slot: int = 0, alignment: int = 1, hook: bool = False) -> list[str]:
+def against_torch(
+    bundled: Transport,
+    ref: Transport,
+    inp: Inputs,
+    what: str,
+    *,
+    slot: int = 0,
+    alignment: int = 1,
+    hook: bool = False,
+) -> list[str]:
     """One dispatch + combine on both transports: dispatch equal bit for bit, combine
     within bf16 rounding of the dense sum (and zero for tokens with no expert)."""
     got = dispatch(bundled, inp, slot=slot, alignment=alignment, hook=hook)
@@ -140,7 +175,8 @@ def expected_mismatches(res: DispatchResult, inp: Inputs, alignment: int) -> tor
     order = torch.sort(lid, stable=True).indices  # (expert, source, token, choice)
     lid = lid[order]
     per_expert = torch.zeros(local, dtype=torch.int64, device=device).scatter_add_(
-        0, lid, torch.ones_like(lid))
+        0, lid, torch.ones_like(lid)
+    )
     padded = (per_expert + alignment - 1) // alignment * alignment
     seg_start = torch.cumsum(padded, 0) - padded
     first_of_expert = torch.cumsum(per_expert, 0) - per_expert
@@ -151,14 +187,19 @@ def expected_mismatches(res: DispatchResult, inp: Inputs, alignment: int) -> tor
     bad += (res.handle.num_recv_tokens_per_expert_device != padded).sum()
     bad += (res.handle.recv_counts != torch.stack(counts).to(torch.int32)).sum()
     if lid.numel() and got_rows:
-        bad += (res.recv_x[place].view(torch.uint8)
-                != torch.cat(rows)[order].view(torch.uint8)).sum()
+        bad += (
+            res.recv_x[place].view(torch.uint8) != torch.cat(rows)[order].view(torch.uint8)
+        ).sum()
         bad += (res.recv_topk_idx[place, 0] != lid).sum()
-        bad += (res.recv_topk_weights[place, 0].view(torch.int32)
-                != torch.cat(weights)[order].view(torch.int32)).sum()
+        bad += (
+            res.recv_topk_weights[place, 0].view(torch.int32)
+            != torch.cat(weights)[order].view(torch.int32)
+        ).sum()
         if scales:
-            bad += (res.recv_scales[place].view(torch.int32)
-                    != torch.cat(scales)[order].view(torch.int32)).sum()
+            bad += (
+                res.recv_scales[place].view(torch.int32)
+                != torch.cat(scales)[order].view(torch.int32)
+            ).sum()
     ids = res.recv_topk_idx[:, 0]
     bad += ((ids >= 0).sum() - lid.numel()).abs()
     bad += ((ids < 0) & (res.recv_topk_weights[:, 0] != 0)).sum()
@@ -184,8 +225,9 @@ def one_expert(inp: Inputs, every_choice: bool) -> Inputs:
 
 
 # ------------------------------------------------------------------------ scenarios
-def large_cases(group: dist.ProcessGroup | None, world: int, tmax: int,
-                token_sets: list[list[int]]) -> list[str]:
+def large_cases(
+    group: dist.ProcessGroup | None, world: int, tmax: int, token_sets: list[list[int]]
+) -> list[str]:
     """deepseek-v3 shapes on `group` (`world` ranks, this rank's group rank = global rank):
     bf16 with num_sms 24 and fp8 with every SM, alignment 1 then 128, one call per token
     set."""
@@ -195,18 +237,20 @@ def large_cases(group: dist.ProcessGroup | None, world: int, tmax: int,
     for dtype, num_sms in ((BF16, 24), (FP8, sms)):
         spec = TransportSpec(tmax, hidden, topk, experts, dtype)
         try:
-            bundled = make_transport("bundled", spec, group, timeout_s=TIMEOUT_S,
-                                     num_sms=num_sms)
+            bundled = make_transport("bundled", spec, group, timeout_s=TIMEOUT_S, num_sms=num_sms)
         except RuntimeError as e:
             # Every rank fails alike: building fails before any peer mapping.
-            return [f"building a BundledTransport with max_tokens_per_rank={tmax} on "
-                    f"{world} ranks failed: {e}"]
+            return [
+                f"building a BundledTransport with max_tokens_per_rank={tmax} on "
+                f"{world} ranks failed: {e}"
+            ]
         ref = make_transport("torch", spec, group)
         for n, tokens in enumerate(token_sets):
             alignment = (1, 128)[n % 2]
             inp = make_inputs(spec, world, tokens, seed=10 + n)
-            errors += against_torch(bundled, ref, inp, f"{dtype} T{tokens} align {alignment}",
-                                    alignment=alignment)
+            errors += against_torch(
+                bundled, ref, inp, f"{dtype} T{tokens} align {alignment}", alignment=alignment
+            )
             del inp
         bundled.check()
         release(bundled, ref)
@@ -217,8 +261,9 @@ def large_cases(group: dist.ProcessGroup | None, world: int, tmax: int,
 def scenario_large(world: int) -> list[str]:
     """deepseek-v3 shapes with T in {0, 1, 4096, 16384} across ranks: up to 4096 on every
     rank; 16384 on a group of 2 ranks, and (where the transport can be built) on all."""
-    errors = large_cases(None, world, 4096, [rotate([4096, 0, 1, 4096], world, shift)
-                                             for shift in range(2)])
+    errors = large_cases(
+        None, world, 4096, [rotate([4096, 0, 1, 4096], world, shift) for shift in range(2)]
+    )
     pair = dist.new_group([0, 1])
     if dist.get_rank() < 2:
         errors += large_cases(pair, 2, 16384, [[16384, 4096], [1, 16384]])
@@ -232,8 +277,15 @@ def scenario_shapes(world: int) -> list[str]:
     ids, none, mixed), both dtypes, alignments 1, 8 and 128, T from 0 to Tmax."""
     errors = []
     rng = random.Random(11)
-    shapes = [(8, 1, world), (136, 2, 2 * world), (2048, 8, 128), (512, 16, 64),
-              (1024, 32, 64), (256, 8, 8 * world), (4096, 2, 8)]
+    shapes = [
+        (8, 1, world),
+        (136, 2, 2 * world),
+        (2048, 8, 128),
+        (512, 16, 64),
+        (1024, 32, 64),
+        (256, 8, 8 * world),
+        (4096, 2, 8),
+    ]
     for hidden, topk, experts in shapes:
         for dtype in (BF16, FP8):
             if dtype == FP8 and hidden % SCALE_BLOCK:
@@ -244,9 +296,13 @@ def scenario_shapes(world: int) -> list[str]:
                 tokens = [rng.choice([0, 1, 127, 128, 129, 200]) for _ in range(world)]
                 alignment = rng.choice([1, 8, 128])
                 inp = make_inputs(spec, world, tokens, rng.randrange(1 << 20), routing)
-                errors += against_torch(bundled, ref, inp, f"H{hidden} K{topk} E{experts} "
-                                        f"{dtype} {routing} T{tokens} align {alignment}",
-                                        alignment=alignment)
+                errors += against_torch(
+                    bundled,
+                    ref,
+                    inp,
+                    f"H{hidden} K{topk} E{experts} {dtype} {routing} T{tokens} align {alignment}",
+                    alignment=alignment,
+                )
             bundled.check()
             release(bundled, ref)
     return errors
@@ -259,10 +315,16 @@ def scenario_one_expert(world: int) -> list[str]:
     bundled, ref = build_pair(spec)
     for every_choice in (False, True):
         for alignment in (1, 128):
-            inp = one_expert(make_inputs(spec, world, rotate([512, 300, 0, 1], world, 0),
-                                         seed=3), every_choice)
-            errors += against_torch(bundled, ref, inp, f"one expert every={every_choice} "
-                                    f"align {alignment}", alignment=alignment)
+            inp = one_expert(
+                make_inputs(spec, world, rotate([512, 300, 0, 1], world, 0), seed=3), every_choice
+            )
+            errors += against_torch(
+                bundled,
+                ref,
+                inp,
+                f"one expert every={every_choice} align {alignment}",
+                alignment=alignment,
+            )
     bundled.check()
     release(bundled, ref)
     return errors
@@ -277,31 +339,51 @@ def scenario_slots_and_hooks(world: int) -> list[str]:
         spec = TransportSpec(256, 1024, 8, 64, dtype)
         bundled, ref = build_pair(spec)
         for it in range(4):
-            inps = [make_inputs(spec, world, rotate([256, 0, 77, 130], world, it + s),
-                                seed=200 + 2 * it + s, routing="mixed") for s in range(2)]
+            inps = [
+                make_inputs(
+                    spec,
+                    world,
+                    rotate([256, 0, 77, 130], world, it + s),
+                    seed=200 + 2 * it + s,
+                    routing="mixed",
+                )
+                for s in range(2)
+            ]
             hooks = []
             for slot in (0, 1):
                 x, idx, w, scales = inps[slot].of(rank)
-                hooks.append(bundled.dispatch(x, idx, w, x_scales=scales, expand=True,
-                                              cpu_sync=True, slot=slot, expert_alignment=16,
-                                              return_recv_hook=True))
+                hooks.append(
+                    bundled.dispatch(
+                        x,
+                        idx,
+                        w,
+                        x_scales=scales,
+                        expand=True,
+                        cpu_sync=True,
+                        slot=slot,
+                        expert_alignment=16,
+                        return_recv_hook=True,
+                    )
+                )
             results = [None, hooks[1]()]
             results[0] = hooks[0]()
             combine_hooks = []
             for slot in (1, 0):
                 y = y_of(results[slot], rank, bundled.num_local_experts)
-                combine_hooks.append((slot, bundled.combine(y, results[slot].handle, slot=slot,
-                                                            return_recv_hook=True)))
+                combine_hooks.append(
+                    (
+                        slot,
+                        bundled.combine(y, results[slot].handle, slot=slot, return_recv_hook=True),
+                    )
+                )
             outs = {slot: hook() for slot, hook in combine_hooks}
             for slot in (0, 1):
                 want = dispatch(ref, inps[slot], alignment=16)
                 errors += compare_expanded(results[slot], want, f"{dtype} iter {it} slot {slot}")
                 bad = int(combine_mismatches(outs[slot], inps[slot], rank))
                 if bad:
-                    errors.append(f"{dtype} iter {it} slot {slot}: combine off in {bad} "
-                                  "elements")
-            errors += against_torch(bundled, ref, inps[0], f"{dtype} iter {it} plain",
-                                    slot=it % 2)
+                    errors.append(f"{dtype} iter {it} slot {slot}: combine off in {bad} elements")
+            errors += against_torch(bundled, ref, inps[0], f"{dtype} iter {it} plain", slot=it % 2)
         bundled.check()
         release(bundled, ref)
     return errors
@@ -311,10 +393,14 @@ def scenario_soak(world: int) -> list[str]:
     """1,000 random calls (T, routing, slot, split phases, alignment, payload), each checked
     on the device against the vectorized reference; nothing may be lost or misplaced."""
     rank = dist.get_rank()
-    specs = [TransportSpec(300, 512, 6, 8 * world, BF16),
-             TransportSpec(300, 256, 8, 16 * world, FP8)]
-    transports = [make_transport("bundled", s, None, timeout_s=TIMEOUT_S, num_sms=n)
-                  for s, n in zip(specs, (24, 2 * world), strict=True)]
+    specs = [
+        TransportSpec(300, 512, 6, 8 * world, BF16),
+        TransportSpec(300, 256, 8, 16 * world, FP8),
+    ]
+    transports = [
+        make_transport("bundled", s, None, timeout_s=TIMEOUT_S, num_sms=n)
+        for s, n in zip(specs, (24, 2 * world), strict=True)
+    ]
     rng = random.Random(99)
     device = torch.device("cuda", torch.cuda.current_device())
     bad = torch.zeros((), dtype=torch.int64, device=device)
@@ -322,8 +408,13 @@ def scenario_soak(world: int) -> list[str]:
         which = rng.randrange(2)
         t, spec = transports[which], specs[which]
         tokens = [rng.choice([0, rng.randint(1, 300), 300]) for _ in range(world)]
-        inp = make_inputs(spec, world, tokens, seed=it,
-                          routing=rng.choice(["uniform", "uniform", "skewed", "mixed"]))
+        inp = make_inputs(
+            spec,
+            world,
+            tokens,
+            seed=it,
+            routing=rng.choice(["uniform", "uniform", "skewed", "mixed"]),
+        )
         slot, hook = rng.randrange(2), rng.random() < 0.5
         alignment = rng.choice([1, 1, 4, 128])
         res = dispatch(t, inp, slot=slot, alignment=alignment, hook=hook)
@@ -344,8 +435,9 @@ def scenario_bad_ids(world: int) -> list[str]:
     bundled, ref = build_pair(spec)
     expected_dropped = 0
     for it in range(3):
-        inp = make_inputs(spec, world, rotate([256, 100, 0, 31], world, it), seed=500 + it,
-                          bad_ids=True)
+        inp = make_inputs(
+            spec, world, rotate([256, 100, 0, 31], world, it), seed=500 + it, bad_ids=True
+        )
         _, idx, _, _ = inp.of(rank)
         expected_dropped += int(((idx < -1) | (idx >= spec.num_experts)).sum())
         errors += against_torch(bundled, ref, inp, f"bad ids {it}", alignment=4)
@@ -371,8 +463,9 @@ def scenario_stale_handle(world: int) -> list[str]:
     inp = make_inputs(spec, world, [32] * world, seed=1)
     first = dispatch(bundled, inp)
     second = dispatch(bundled, inp)
-    y = torch.zeros(sum(first.handle.num_recv_tokens_per_expert), spec.hidden, dtype=BF16,
-                    device=inp.x.device)
+    y = torch.zeros(
+        sum(first.handle.num_recv_tokens_per_expert), spec.hidden, dtype=BF16, device=inp.x.device
+    )
     try:
         bundled.combine(y, first.handle)
         errors.append("a handle older than the latest dispatch on its slot was accepted")
@@ -402,12 +495,14 @@ def scenario_absent_peer(world: int) -> list[str]:
         inp = make_inputs(spec, world, [16] * world, seed=3)
         try:
             dispatch(t, inp)
-            errors.append(f"rank {rank}: dispatch returned although rank {world - 1} never "
-                          "called")
+            errors.append(f"rank {rank}: dispatch returned although rank {world - 1} never called")
         except RuntimeError as e:
             text = str(e)
-            if f"rank {rank}" not in text or f"peer rank {world - 1}" not in text \
-                    or "timed out" not in text:
+            if (
+                f"rank {rank}" not in text
+                or f"peer rank {world - 1}" not in text
+                or "timed out" not in text
+            ):
                 errors.append(f"rank {rank}: unclear timeout message: {text}")
     t.destroy()
     return errors

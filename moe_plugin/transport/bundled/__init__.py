@@ -49,20 +49,30 @@ class BundledTransport(Transport):
 
     supports_split_phases = True
 
-    def __init__(self, spec: TransportSpec, group: dist.ProcessGroup | None = None,
-                 device: torch.device | str | None = None, timeout_s: float | None = None,
-                 num_sms: int = 24, decode_sms: int | None = None,
-                 modes: tuple[str, ...] = MODES) -> None:
+    def __init__(
+        self,
+        spec: TransportSpec,
+        group: dist.ProcessGroup | None = None,
+        device: torch.device | str | None = None,
+        timeout_s: float | None = None,
+        num_sms: int = 24,
+        decode_sms: int | None = None,
+        modes: tuple[str, ...] = MODES,
+    ) -> None:
         super().__init__(spec, group, device, timeout_s)
         if self.device.type != "cuda":
             raise ValueError(f"BundledTransport needs a CUDA device, got {self.device}")
         if self.world_size not in SUPPORTED_WORLD_SIZES:
-            raise ValueError(f"BundledTransport supports groups of {SUPPORTED_WORLD_SIZES} "
-                             f"ranks, got {self.world_size}")
+            raise ValueError(
+                f"BundledTransport supports groups of {SUPPORTED_WORLD_SIZES} "
+                f"ranks, got {self.world_size}"
+            )
         for name in ("max_tokens_per_rank", "hidden"):
             if getattr(spec, name) > MAX_TOKENS_AND_HIDDEN:
-                raise ValueError(f"BundledTransport supports {name} up to "
-                                 f"{MAX_TOKENS_AND_HIDDEN}, got {getattr(spec, name)}")
+                raise ValueError(
+                    f"BundledTransport supports {name} up to "
+                    f"{MAX_TOKENS_AND_HIDDEN}, got {getattr(spec, name)}"
+                )
         if not modes or set(modes) - set(MODES):
             raise ValueError(f"modes must be a non-empty subset of {MODES}, got {modes}")
         if self.timeout_s <= 0:
@@ -75,7 +85,8 @@ class BundledTransport(Transport):
         self.num_sms = num_sms
         # Every rank's decode kernels signal once per block: all ranks use the least.
         self.decode_sms = self._check_topology(
-            decode_sms or min(sm_count, _env_decode_sms() or sm_count))
+            decode_sms or min(sm_count, _env_decode_sms() or sm_count)
+        )
         self.errors = ErrorRecord(self.device)
         self._modes = tuple(modes)
         self._destroyed = False
@@ -87,21 +98,39 @@ class BundledTransport(Transport):
         """The bound on device-side waits, in nanoseconds (a kernel argument)."""
         return int(self.timeout_s * 1e9)
 
-    def _dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
-                  x_scales: torch.Tensor | None, *, expand: bool, cpu_sync: bool, slot: int,
-                  expert_alignment: int, return_recv_hook: bool
-                  ) -> DispatchResult | DispatchHook:
+    def _dispatch(
+        self,
+        x: torch.Tensor,
+        topk_idx: torch.Tensor,
+        topk_weights: torch.Tensor,
+        x_scales: torch.Tensor | None,
+        *,
+        expand: bool,
+        cpu_sync: bool,
+        slot: int,
+        expert_alignment: int,
+        return_recv_hook: bool,
+    ) -> DispatchResult | DispatchHook:
         if expand:
             return self._path(expand).dispatch(
-                x, topk_idx, topk_weights, x_scales, slot=slot,
-                expert_alignment=expert_alignment, return_recv_hook=return_recv_hook)
-        return self._path(expand).dispatch(x, topk_idx, topk_weights, x_scales, slot=slot,
-                                           return_recv_hook=return_recv_hook)
+                x,
+                topk_idx,
+                topk_weights,
+                x_scales,
+                slot=slot,
+                expert_alignment=expert_alignment,
+                return_recv_hook=return_recv_hook,
+            )
+        return self._path(expand).dispatch(
+            x, topk_idx, topk_weights, x_scales, slot=slot, return_recv_hook=return_recv_hook
+        )
 
-    def _combine(self, y: torch.Tensor, handle: DispatchHandle, *, slot: int,
-                 return_recv_hook: bool) -> torch.Tensor | CombineHook:
-        return self._path(handle.expand).combine(y, handle, slot=slot,
-                                                 return_recv_hook=return_recv_hook)
+    def _combine(
+        self, y: torch.Tensor, handle: DispatchHandle, *, slot: int, return_recv_hook: bool
+    ) -> torch.Tensor | CombineHook:
+        return self._path(handle.expand).combine(
+            y, handle, slot=slot, return_recv_hook=return_recv_hook
+        )
 
     def check(self) -> None:
         """Raise RuntimeError if a kernel's wait for a peer timed out (naming the waiting
@@ -127,8 +156,10 @@ class BundledTransport(Transport):
         path = self._prefill if expand else self._decode
         if path is None:
             name = MODES[expand]
-            raise ValueError(f"expand={expand} needs the {name!r} path, but this "
-                             f"BundledTransport was built with modes={self._modes}")
+            raise ValueError(
+                f"expand={expand} needs the {name!r} path, but this "
+                f"BundledTransport was built with modes={self._modes}"
+            )
         return path
 
     def _check_topology(self, decode_sms: int) -> int:
@@ -140,20 +171,25 @@ class BundledTransport(Transport):
         dist.all_gather_object(everyone, me, group=self.group)
         hosts = sorted({e[0] for e in everyone if e is not None})
         if len(hosts) != 1:
-            raise ValueError(f"BundledTransport needs every rank on one host, the group "
-                             f"spans {hosts}")
+            raise ValueError(
+                f"BundledTransport needs every rank on one host, the group spans {hosts}"
+            )
         uuids = [e[1] for e in everyone if e is not None]
         if len(set(uuids)) != len(uuids):
             raise ValueError("BundledTransport needs one GPU per rank; ranks share a GPU")
-        visible = {str(torch.cuda.get_device_properties(i).uuid): i
-                   for i in range(torch.cuda.device_count())}
+        visible = {
+            str(torch.cuda.get_device_properties(i).uuid): i
+            for i in range(torch.cuda.device_count())
+        }
         for peer_rank, uuid in enumerate(uuids):
             index = visible.get(uuid)
             if peer_rank == self.rank or index is None:
                 continue  # not visible here: mapping its buffer reports any failure
             if not torch.cuda.can_device_access_peer(self.device, index):
-                raise ValueError(f"rank {self.rank} (cuda:{self.device.index}) has no peer "
-                                 f"access to rank {peer_rank}'s GPU (cuda:{index})")
+                raise ValueError(
+                    f"rank {self.rank} (cuda:{self.device.index}) has no peer "
+                    f"access to rank {peer_rank}'s GPU (cuda:{index})"
+                )
         return min(e[2] for e in everyone if e is not None)
 
 

@@ -69,18 +69,32 @@ class DecodePath:
         spec = transport.spec
         world = transport.world_size
         rows = world * spec.max_tokens_per_rank
-        offsets = {(s, p): self._layout(s, p) for s in range(NUM_SLOTS)
-                   for p in range(NUM_PARITIES)}
+        offsets = {
+            (s, p): self._layout(s, p) for s in range(NUM_SLOTS) for p in range(NUM_PARITIES)
+        }
         sym_bytes, local_bytes = offsets[0, 0][:2]
         self.buffer = SymmetricBuffer(sym_bytes, transport.group, transport.device)
         self.local_state = torch.zeros(local_bytes, dtype=torch.uint8, device=transport.device)
         plan = ctypes.c_void_p()
         peers = (ctypes.c_longlong * world)(*self.buffer.peer_addresses)
-        binding.call("moe_decode_plan_create", ctypes.byref(plan), transport.device.index,
-                     world, transport.rank, spec.max_tokens_per_rank, spec.hidden,
-                     spec.num_topk, spec.num_experts, int(spec.is_fp8), peers, self.local_state,
-                     transport.dropped_ids, transport.errors.tensor, transport.timeout_ns,
-                     max(transport.decode_sms, world))
+        binding.call(
+            "moe_decode_plan_create",
+            ctypes.byref(plan),
+            transport.device.index,
+            world,
+            transport.rank,
+            spec.max_tokens_per_rank,
+            spec.hidden,
+            spec.num_topk,
+            spec.num_experts,
+            int(spec.is_fp8),
+            peers,
+            self.local_state,
+            transport.dropped_ids,
+            transport.errors.tensor,
+            transport.timeout_ns,
+            max(transport.decode_sms, world),
+        )
         self._plan: ctypes.c_void_p | None = plan
         self._views: dict[tuple[int, int], _Views] = {}
         for (s, p), off in offsets.items():
@@ -88,12 +102,14 @@ class DecodePath:
             buf = self.buffer
             self._views[s, p] = _Views(
                 recv_x=buf.view(x_off, (rows, spec.hidden), spec.dtype),
-                recv_scales=(buf.view(scales_off, (rows, spec.num_scales), torch.float32)
-                             if spec.is_fp8 else None),
+                recv_scales=(
+                    buf.view(scales_off, (rows, spec.num_scales), torch.float32)
+                    if spec.is_fp8
+                    else None
+                ),
                 recv_topk_idx=buf.view(idx_off, (rows, spec.num_topk), torch.int64),
                 recv_topk_weights=buf.view(w_off, (rows, spec.num_topk), torch.float32),
-                recv_counts=self.local_state[counts_off:counts_off + 4 * world]
-                .view(torch.int32),
+                recv_counts=self.local_state[counts_off : counts_off + 4 * world].view(torch.int32),
             )
         self._next_parity = [0] * NUM_SLOTS
         self._calls = [0] * NUM_SLOTS
@@ -101,14 +117,30 @@ class DecodePath:
     def _layout(self, slot: int, parity: int) -> list[int]:
         spec = self.transport.spec
         out = (ctypes.c_longlong * 8)()
-        binding.call("moe_decode_layout", self.transport.world_size, spec.max_tokens_per_rank,
-                     spec.hidden, spec.num_topk, spec.num_experts, int(spec.is_fp8), slot,
-                     parity, out)
+        binding.call(
+            "moe_decode_layout",
+            self.transport.world_size,
+            spec.max_tokens_per_rank,
+            spec.hidden,
+            spec.num_topk,
+            spec.num_experts,
+            int(spec.is_fp8),
+            slot,
+            parity,
+            out,
+        )
         return list(out)
 
-    def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
-                 x_scales: torch.Tensor | None, *, slot: int, return_recv_hook: bool
-                 ) -> DispatchResult | DispatchHook:
+    def dispatch(
+        self,
+        x: torch.Tensor,
+        topk_idx: torch.Tensor,
+        topk_weights: torch.Tensor,
+        x_scales: torch.Tensor | None,
+        *,
+        slot: int,
+        return_recv_hook: bool,
+    ) -> DispatchResult | DispatchHook:
         """Non-expanded dispatch (arguments checked by the transport). The result's tensors
         are views of this slot's current receive buffers."""
         plan = self._live_plan()
@@ -118,16 +150,35 @@ class DecodePath:
         self._calls[slot] += 1
         tokens = x.shape[0]
         views = self._views[slot, parity]
-        handle = DispatchHandle(expand=False, slot=slot, num_tokens=tokens,
-                                recv_counts=views.recv_counts,
-                                state=_DecodeState(self, parity, self._calls[slot]))
-        result = DispatchResult(recv_x=views.recv_x, recv_scales=views.recv_scales,
-                                recv_topk_idx=views.recv_topk_idx,
-                                recv_topk_weights=views.recv_topk_weights, handle=handle)
+        handle = DispatchHandle(
+            expand=False,
+            slot=slot,
+            num_tokens=tokens,
+            recv_counts=views.recv_counts,
+            state=_DecodeState(self, parity, self._calls[slot]),
+        )
+        result = DispatchResult(
+            recv_x=views.recv_x,
+            recv_scales=views.recv_scales,
+            recv_topk_idx=views.recv_topk_idx,
+            recv_topk_weights=views.recv_topk_weights,
+            handle=handle,
+        )
 
         def launch(phases: int) -> None:
-            binding.call("moe_decode_dispatch", plan, binding.stream(self.transport.device),
-                         x, x_scales, topk_idx, topk_weights, tokens, slot, parity, phases)
+            binding.call(
+                "moe_decode_dispatch",
+                plan,
+                binding.stream(self.transport.device),
+                x,
+                x_scales,
+                topk_idx,
+                topk_weights,
+                tokens,
+                slot,
+                parity,
+                phases,
+            )
 
         if not return_recv_hook:
             launch(PHASE_SEND | PHASE_RECV)
@@ -140,8 +191,9 @@ class DecodePath:
 
         return receive
 
-    def combine(self, y: torch.Tensor, handle: DispatchHandle, *, slot: int,
-                return_recv_hook: bool) -> torch.Tensor | CombineHook:
+    def combine(
+        self, y: torch.Tensor, handle: DispatchHandle, *, slot: int, return_recv_hook: bool
+    ) -> torch.Tensor | CombineHook:
         """out [T, H] bf16 for the tokens of `handle`'s dispatch (one of the last two
         dispatches on `slot`)."""
         plan = self._live_plan()
@@ -150,15 +202,27 @@ class DecodePath:
         if not isinstance(state, _DecodeState) or state.path is not self:
             raise ValueError("handle was not made by this transport's decode dispatch")
         if self._calls[slot] - state.call >= NUM_PARITIES:
-            raise ValueError(f"handle is stale: it belongs to dispatch #{state.call} on slot "
-                             f"{slot}, whose buffers dispatch #{self._calls[slot]} reused")
+            raise ValueError(
+                f"handle is stale: it belongs to dispatch #{state.call} on slot "
+                f"{slot}, whose buffers dispatch #{self._calls[slot]} reused"
+            )
         tokens = handle.num_tokens
-        out = torch.empty(tokens, self.transport.spec.hidden, dtype=torch.bfloat16,
-                          device=self.transport.device)
+        out = torch.empty(
+            tokens, self.transport.spec.hidden, dtype=torch.bfloat16, device=self.transport.device
+        )
 
         def launch(phases: int) -> None:
-            binding.call("moe_decode_combine", plan, binding.stream(self.transport.device),
-                         y, out, tokens, slot, state.parity, phases)
+            binding.call(
+                "moe_decode_combine",
+                plan,
+                binding.stream(self.transport.device),
+                y,
+                out,
+                tokens,
+                slot,
+                state.parity,
+                phases,
+            )
 
         if not return_recv_hook:
             launch(PHASE_SEND | PHASE_RECV)
@@ -190,5 +254,7 @@ class DecodePath:
 def _check_aligned(name: str, t: torch.Tensor) -> None:
     """The kernels move rows in 16-byte words: a non-empty payload must start on one."""
     if t.numel() and t.data_ptr() % 16:
-        raise ValueError(f"{name} must start at a 16-byte aligned address (data_ptr "
-                         f"{t.data_ptr():#x} is {t.data_ptr() % 16} bytes past one)")
+        raise ValueError(
+            f"{name} must start at a 16-byte aligned address (data_ptr "
+            f"{t.data_ptr():#x} is {t.data_ptr() % 16} bytes past one)"
+        )

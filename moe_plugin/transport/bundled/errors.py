@@ -34,8 +34,12 @@ class ErrorRecord:
         slot = words[6]
         phase_name = PHASE_NAMES.get(phase, f"phase {phase}")
         if code == ERROR_TIMEOUT:
-            return (f"rank {waiting_rank}: {phase_name} (slot {slot}, call {seq}) timed out "
-                    f"after {timeout_s:g} s waiting for peer rank {peer}; did every rank of the "
-                    "group make the same calls in the same order?")
-        return (f"rank {waiting_rank}: {phase_name} (slot {slot}, call {seq}) failed with "
-                f"code {code} involving peer rank {peer}")
+            return (
+                f"rank {waiting_rank}: {phase_name} (slot {slot}, call {seq}) timed out "
+                f"after {timeout_s:g} s waiting for peer rank {peer}; did every rank of the "
+                "group make the same calls in the same order?"
+            )
+        return (
+            f"rank {waiting_rank}: {phase_name} (slot {slot}, call {seq}) failed with "
+            f"code {code} involving peer rank {peer}"
+        )

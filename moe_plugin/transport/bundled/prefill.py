@@ -101,7 +101,8 @@ class _HostResults:
         binding.call("moe_prefill_host_alloc", words * 8, ctypes.byref(address))
         self.address = ctypes.c_void_p(address.value)
         self.words = np.ctypeslib.as_array(
-            (ctypes.c_longlong * words).from_address(int(address.value or 0)))
+            (ctypes.c_longlong * words).from_address(int(address.value or 0))
+        )
 
     def wait(self, seq: int, timeout_s: float, what: str) -> np.ndarray:
         """A copy of the words once the exchange of call `seq` stamped them; TimeoutError
@@ -139,8 +140,9 @@ class _Slot:
         self.clean = torch.empty(pairs, dtype=torch.int32, device=device)
         self.pos = torch.empty(pairs, dtype=torch.int32, device=device)
         self.dest_mask = torch.empty(spec.max_tokens_per_rank, dtype=torch.int32, device=device)
-        self.warp_counts = torch.empty(path.layout_warps * spec.num_experts, dtype=torch.int32,
-                                       device=device)
+        self.warp_counts = torch.empty(
+            path.layout_warps * spec.num_experts, dtype=torch.int32, device=device
+        )
         self.dst_off = torch.empty(spec.num_experts, dtype=torch.int32, device=device)
         self.host = _HostResults(HOST_HEAD + 2 * world + path.transport.num_local_experts)
         self.stream: torch.cuda.Stream | None = None
@@ -162,14 +164,24 @@ class PrefillPath:
         world = transport.world_size
         max_experts = int(_query("moe_prefill_max_experts"))
         if spec.num_experts > max_experts:
-            raise ValueError(f"the bundled prefill kernels take at most {max_experts} experts, "
-                             f"got num_experts={spec.num_experts}")
-        self._geometry = (world, transport.rank, spec.num_experts, spec.num_topk, spec.hidden,
-                          spec.dtype.itemsize, spec.num_scales, BLOCK_TOKENS, RING_DEPTH)
+            raise ValueError(
+                f"the bundled prefill kernels take at most {max_experts} experts, "
+                f"got num_experts={spec.num_experts}"
+            )
+        self._geometry = (
+            world,
+            transport.rank,
+            spec.num_experts,
+            spec.num_topk,
+            spec.hidden,
+            spec.dtype.itemsize,
+            spec.num_scales,
+            BLOCK_TOKENS,
+            RING_DEPTH,
+        )
         slot_bytes = int(_query("moe_prefill_slot_bytes", world, *self._geometry[2:]))
         if slot_bytes <= 0:
-            raise ValueError(f"the bundled prefill kernels do not support {spec} on "
-                             f"{world} ranks")
+            raise ValueError(f"the bundled prefill kernels do not support {spec} on {world} ranks")
         self._slot_bytes = slot_bytes
         sm_count = torch.cuda.get_device_properties(transport.device).multi_processor_count
         self.layout_ctas = min(LAYOUT_MAX_CTAS, transport.num_sms)
@@ -180,19 +192,38 @@ class PrefillPath:
         self._slots = [_Slot(self) for _ in range(NUM_SLOTS)]
 
     # ------------------------------------------------------------------ dispatch
-    def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
-                 x_scales: torch.Tensor | None, *, slot: int, expert_alignment: int,
-                 return_recv_hook: bool) -> DispatchResult | DispatchHook:
+    def dispatch(
+        self,
+        x: torch.Tensor,
+        topk_idx: torch.Tensor,
+        topk_weights: torch.Tensor,
+        x_scales: torch.Tensor | None,
+        *,
+        slot: int,
+        expert_alignment: int,
+        return_recv_hook: bool,
+    ) -> DispatchResult | DispatchHook:
         """Expanded dispatch (arguments checked by `Transport.dispatch`). Reads the counts on
         the host once; with `return_recv_hook` returns the hook that hands out the result."""
         _check_aligned("x", x, 16)
         _check_aligned("x_scales", x_scales, 4)
         inputs = [t for t in (x, topk_idx, topk_weights, x_scales) if t is not None]
-        return self._on_stream(slot, return_recv_hook, inputs, lambda: self._dispatch(
-            x, topk_idx, topk_weights, x_scales, slot, expert_alignment))
+        return self._on_stream(
+            slot,
+            return_recv_hook,
+            inputs,
+            lambda: self._dispatch(x, topk_idx, topk_weights, x_scales, slot, expert_alignment),
+        )
 
-    def _dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
-                  x_scales: torch.Tensor | None, slot: int, alignment: int) -> DispatchResult:
+    def _dispatch(
+        self,
+        x: torch.Tensor,
+        topk_idx: torch.Tensor,
+        topk_weights: torch.Tensor,
+        x_scales: torch.Tensor | None,
+        slot: int,
+        alignment: int,
+    ) -> DispatchResult:
         tr, spec = self.transport, self.transport.spec
         world, num_local = tr.world_size, tr.num_local_experts
         st = self._slots[slot]
@@ -200,79 +231,161 @@ class PrefillPath:
         tokens = x.shape[0]
         stream = binding.stream(tr.device)
         tokens_per_warp = max(1, -(-tokens // self.layout_warps))
-        binding.call("moe_prefill_layout", topk_idx, tokens, spec.num_topk, spec.num_experts,
-                     num_local, self.layout_ctas, tokens_per_warp, st.clean, st.pos,
-                     st.dest_mask, st.warp_counts, tr.dropped_ids, stream)
+        binding.call(
+            "moe_prefill_layout",
+            topk_idx,
+            tokens,
+            spec.num_topk,
+            spec.num_experts,
+            num_local,
+            self.layout_ctas,
+            tokens_per_warp,
+            st.clean,
+            st.pos,
+            st.dest_mask,
+            st.warp_counts,
+            tr.dropped_ids,
+            stream,
+        )
         recv_counts = torch.empty(world, dtype=torch.int32, device=tr.device)
         segments = torch.empty(num_local, dtype=torch.int32, device=tr.device)
-        binding.call("moe_prefill_exchange", *self._geometry,
-                     self._peer_table(slot, [0] * world, st), st.warp_counts,
-                     self.layout_warps, tokens, alignment, st.seq, st.dst_off, recv_counts,
-                     segments, st.host.address, tr.errors.tensor, tr.timeout_s, slot, stream)
-        words = st.host.wait(st.seq, 2 * tr.timeout_s + 5.0,
-                             f"rank {tr.rank}: prefill dispatch (slot {slot}, call {st.seq})")
+        binding.call(
+            "moe_prefill_exchange",
+            *self._geometry,
+            self._peer_table(slot, [0] * world, st),
+            st.warp_counts,
+            self.layout_warps,
+            tokens,
+            alignment,
+            st.seq,
+            st.dst_off,
+            recv_counts,
+            segments,
+            st.host.address,
+            tr.errors.tensor,
+            tr.timeout_s,
+            slot,
+            stream,
+        )
+        words = st.host.wait(
+            st.seq,
+            2 * tr.timeout_s + 5.0,
+            f"rank {tr.rank}: prefill dispatch (slot {slot}, call {st.seq})",
+        )
         if words[1] != 0:
-            raise RuntimeError(tr.errors.message(tr.timeout_s) or
-                               f"rank {tr.rank}: prefill count exchange failed")
+            raise RuntimeError(
+                tr.errors.message(tr.timeout_s) or f"rank {tr.rank}: prefill count exchange failed"
+            )
         rows = int(words[2])
-        tokens_per_rank = [int(v) for v in words[HOST_HEAD + world:HOST_HEAD + 2 * world]]
-        per_expert = [int(v) for v in words[HOST_HEAD + 2 * world:]]
+        tokens_per_rank = [int(v) for v in words[HOST_HEAD + world : HOST_HEAD + 2 * world]]
+        per_expert = [int(v) for v in words[HOST_HEAD + 2 * world :]]
 
         recv_x = torch.empty(rows, spec.hidden, dtype=spec.dtype, device=tr.device)
-        recv_scales = (torch.empty(rows, spec.num_scales, dtype=torch.float32, device=tr.device)
-                       if spec.is_fp8 else None)
+        recv_scales = (
+            torch.empty(rows, spec.num_scales, dtype=torch.float32, device=tr.device)
+            if spec.is_fp8
+            else None
+        )
         recv_idx = torch.full((rows, 1), -1, dtype=torch.int64, device=tr.device)
         recv_w = torch.zeros(rows, 1, dtype=torch.float32, device=tr.device)
-        recv_map = torch.full((sum(tokens_per_rank), spec.num_topk), -1, dtype=torch.int32,
-                              device=tr.device)
-        binding.call("moe_prefill_dispatch", *self._geometry,
-                     self._peer_table(slot, tokens_per_rank, st), self.dispatch_ctas, x, x_scales,
-                     topk_weights, st.clean, st.pos, st.warp_counts, st.dst_off, st.dest_mask,
-                     tokens_per_warp, recv_x, recv_scales, recv_idx, recv_w, recv_map,
-                     tr.errors.tensor, tr.timeout_s, slot, stream)
+        recv_map = torch.full(
+            (sum(tokens_per_rank), spec.num_topk), -1, dtype=torch.int32, device=tr.device
+        )
+        binding.call(
+            "moe_prefill_dispatch",
+            *self._geometry,
+            self._peer_table(slot, tokens_per_rank, st),
+            self.dispatch_ctas,
+            x,
+            x_scales,
+            topk_weights,
+            st.clean,
+            st.pos,
+            st.warp_counts,
+            st.dst_off,
+            st.dest_mask,
+            tokens_per_warp,
+            recv_x,
+            recv_scales,
+            recv_idx,
+            recv_w,
+            recv_map,
+            tr.errors.tensor,
+            tr.timeout_s,
+            slot,
+            stream,
+        )
         self._advance(st, tokens_per_rank, dispatch=True)
-        handle = DispatchHandle(expand=True, slot=slot, num_tokens=tokens,
-                                recv_counts=recv_counts, num_recv_tokens_per_expert=per_expert,
-                                num_recv_tokens_per_expert_device=segments,
-                                state=_PrefillState(seq=st.seq, tokens=tokens_per_rank,
-                                                    recv_map=recv_map))
-        return DispatchResult(recv_x=recv_x, recv_scales=recv_scales, recv_topk_idx=recv_idx,
-                              recv_topk_weights=recv_w, handle=handle)
+        handle = DispatchHandle(
+            expand=True,
+            slot=slot,
+            num_tokens=tokens,
+            recv_counts=recv_counts,
+            num_recv_tokens_per_expert=per_expert,
+            num_recv_tokens_per_expert_device=segments,
+            state=_PrefillState(seq=st.seq, tokens=tokens_per_rank, recv_map=recv_map),
+        )
+        return DispatchResult(
+            recv_x=recv_x,
+            recv_scales=recv_scales,
+            recv_topk_idx=recv_idx,
+            recv_topk_weights=recv_w,
+            handle=handle,
+        )
 
     # ------------------------------------------------------------------- combine
-    def combine(self, y: torch.Tensor, handle: DispatchHandle, *, slot: int,
-                return_recv_hook: bool) -> torch.Tensor | CombineHook:
+    def combine(
+        self, y: torch.Tensor, handle: DispatchHandle, *, slot: int, return_recv_hook: bool
+    ) -> torch.Tensor | CombineHook:
         """Expanded combine of the latest dispatch on `slot` (arguments checked by
         `Transport.combine`); with `return_recv_hook` returns the hook that hands out out."""
         state = handle.state
         st = self._slots[slot]
         if not isinstance(state, _PrefillState) or state.seq != st.seq:
-            raise ValueError(f"handle is not the latest prefill dispatch on slot {slot}: a "
-                             "handle is valid until the next dispatch on its slot")
+            raise ValueError(
+                f"handle is not the latest prefill dispatch on slot {slot}: a "
+                "handle is valid until the next dispatch on its slot"
+            )
         if st.combined_seq == state.seq:
-            raise ValueError(f"the dispatch of this handle (slot {slot}, call {state.seq}) "
-                             "was already combined")
+            raise ValueError(
+                f"the dispatch of this handle (slot {slot}, call {state.seq}) was already combined"
+            )
         _check_aligned("y", y, 16)
         st.combined_seq = state.seq
-        return self._on_stream(slot, return_recv_hook, [y, state.recv_map],
-                               lambda: self._combine(y, handle, state, slot))
+        return self._on_stream(
+            slot,
+            return_recv_hook,
+            [y, state.recv_map],
+            lambda: self._combine(y, handle, state, slot),
+        )
 
-    def _combine(self, y: torch.Tensor, handle: DispatchHandle, state: _PrefillState,
-                 slot: int) -> torch.Tensor:
+    def _combine(
+        self, y: torch.Tensor, handle: DispatchHandle, state: _PrefillState, slot: int
+    ) -> torch.Tensor:
         tr = self.transport
         st = self._slots[slot]
-        out = torch.empty(handle.num_tokens, tr.spec.hidden, dtype=torch.bfloat16,
-                          device=tr.device)
-        binding.call("moe_prefill_combine", *self._geometry,
-                     self._peer_table(slot, state.tokens, st), self.combine_ctas, y,
-                     state.recv_map, st.dest_mask, out, tr.errors.tensor, tr.timeout_s, slot,
-                     binding.stream(tr.device))
+        out = torch.empty(handle.num_tokens, tr.spec.hidden, dtype=torch.bfloat16, device=tr.device)
+        binding.call(
+            "moe_prefill_combine",
+            *self._geometry,
+            self._peer_table(slot, state.tokens, st),
+            self.combine_ctas,
+            y,
+            state.recv_map,
+            st.dest_mask,
+            out,
+            tr.errors.tensor,
+            tr.timeout_s,
+            slot,
+            binding.stream(tr.device),
+        )
         self._advance(st, state.tokens, dispatch=False)
         return out
 
     # ----------------------------------------------------------------- plumbing
-    def _on_stream(self, slot: int, split: bool, inputs: list[torch.Tensor],
-                   run: Callable[[], Any]) -> Any:
+    def _on_stream(
+        self, slot: int, split: bool, inputs: list[torch.Tensor], run: Callable[[], Any]
+    ) -> Any:
         """`run()` on the caller's stream, or (split) on the slot's stream, returning a
         hook that makes the caller's stream wait for it and hands out the result."""
         if not split:
@@ -334,17 +447,24 @@ def _query(name: str, *args: int) -> int:
 
 def _check_aligned(name: str, t: torch.Tensor | None, alignment: int) -> None:
     if t is not None and t.numel() and t.data_ptr() % alignment:
-        raise ValueError(f"{name} must start at a {alignment}-byte aligned address for the "
-                         f"bundled prefill kernels (address {t.data_ptr():#x})")
+        raise ValueError(
+            f"{name} must start at a {alignment}-byte aligned address for the "
+            f"bundled prefill kernels (address {t.data_ptr():#x})"
+        )
 
 
 def _tensors_of(value: Any) -> list[torch.Tensor]:
     """The device tensors a dispatch result or combine output holds."""
     if isinstance(value, torch.Tensor):
         return [value]
-    out = [value.recv_x, value.recv_topk_idx, value.recv_topk_weights,
-           value.handle.recv_counts, value.handle.num_recv_tokens_per_expert_device,
-           value.handle.state.recv_map]
+    out = [
+        value.recv_x,
+        value.recv_topk_idx,
+        value.recv_topk_weights,
+        value.handle.recv_counts,
+        value.handle.num_recv_tokens_per_expert_device,
+        value.handle.state.recv_map,
+    ]
     if value.recv_scales is not None:
         out.append(value.recv_scales)
     return out

@@ -17,8 +17,12 @@ class _DeviceArray:
 
     def __init__(self, address: int, nbytes: int) -> None:
         self.__cuda_array_interface__ = {
-            "shape": (nbytes,), "typestr": "|u1", "data": (address, False),
-            "version": 3, "strides": None, "stream": None,
+            "shape": (nbytes,),
+            "typestr": "|u1",
+            "data": (address, False),
+            "version": 3,
+            "strides": None,
+            "stream": None,
         }
 
 
@@ -57,22 +61,30 @@ class SymmetricBuffer:
                     addresses.append(self._local_address)
                     continue
                 peer = ctypes.c_void_p()
-                binding.call("moe_sym_open", index, ctypes.create_string_buffer(h, handle_size),
-                             ctypes.byref(peer))
+                binding.call(
+                    "moe_sym_open",
+                    index,
+                    ctypes.create_string_buffer(h, handle_size),
+                    ctypes.byref(peer),
+                )
                 self._opened.append(int(peer.value or 0))
                 addresses.append(int(peer.value or 0))
         except RuntimeError as e:
             self._release()
             binding.call("moe_sym_free", index, ctypes.c_void_p(self._local_address))
-            raise RuntimeError(f"rank {self.rank}: could not map a peer's buffer over CUDA "
-                               f"IPC (are all ranks on one host with peer access?): {e}") from e
+            raise RuntimeError(
+                f"rank {self.rank}: could not map a peer's buffer over CUDA "
+                f"IPC (are all ranks on one host with peer access?): {e}"
+            ) from e
         self.peer_addresses: list[int] = addresses
         self.peer_ptrs = torch.tensor(addresses, dtype=torch.int64, device=self.device)
-        self.local = torch.as_tensor(_DeviceArray(self._local_address, self.nbytes),
-                                     device=self.device)
+        self.local = torch.as_tensor(
+            _DeviceArray(self._local_address, self.nbytes), device=self.device
+        )
 
-    def view(self, offset: int, shape: tuple[int, ...] | list[int], dtype: torch.dtype
-             ) -> torch.Tensor:
+    def view(
+        self, offset: int, shape: tuple[int, ...] | list[int], dtype: torch.dtype
+    ) -> torch.Tensor:
         """A tensor of `shape` and `dtype` over the local buffer's bytes from `offset`
         (aligned to the dtype's size), contiguous."""
         numel = 1
@@ -81,9 +93,11 @@ class SymmetricBuffer:
         itemsize = torch.empty((), dtype=dtype).element_size()
         nbytes = numel * itemsize
         if offset % itemsize or offset < 0 or offset + nbytes > self.nbytes:
-            raise ValueError(f"view of {nbytes} bytes at offset {offset} does not fit the "
-                             f"{self.nbytes}-byte buffer with {itemsize}-byte alignment")
-        return self.local[offset:offset + nbytes].view(dtype).view(*shape)
+            raise ValueError(
+                f"view of {nbytes} bytes at offset {offset} does not fit the "
+                f"{self.nbytes}-byte buffer with {itemsize}-byte alignment"
+            )
+        return self.local[offset : offset + nbytes].view(dtype).view(*shape)
 
     def destroy(self) -> None:
         """Collective: wait until every rank stops using the buffers, unmap the peers', free

@@ -46,16 +46,30 @@ class CaseResult:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m moe_plugin.demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--nprocs", type=int, default=default_nprocs(),
-                        help="processes (default: every GPU, else 4 on CPU)")
-    parser.add_argument("--transport", choices=("bundled", "torch"),
-                        default="bundled" if torch.cuda.is_available() else "torch",
-                        help="default: bundled on GPUs, torch on CPU")
+    parser = argparse.ArgumentParser(
+        prog="python -m moe_plugin.demo",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--nprocs",
+        type=int,
+        default=default_nprocs(),
+        help="processes (default: every GPU, else 4 on CPU)",
+    )
+    parser.add_argument(
+        "--transport",
+        choices=("bundled", "torch"),
+        default="bundled" if torch.cuda.is_available() else "torch",
+        help="default: bundled on GPUs, torch on CPU",
+    )
     parser.add_argument("--tokens", type=int, default=64, help="tokens per rank (default 64)")
-    parser.add_argument("--iters", type=int, default=20 if torch.cuda.is_available() else 3,
-                        help="timed layer calls per case (default 20 on GPUs, 3 on CPU)")
+    parser.add_argument(
+        "--iters",
+        type=int,
+        default=20 if torch.cuda.is_available() else 3,
+        help="timed layer calls per case (default 20 on GPUs, 3 on CPU)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if NUM_EXPERTS % args.nprocs:
@@ -72,9 +86,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     backend = default_backend()
-    print(f"moe_plugin demo: {args.nprocs} ranks ({backend}), {args.transport} transport; "
-          f"E={NUM_EXPERTS} K={TOP_K} H={HIDDEN} I={INTERMEDIATE}, "
-          f"{args.tokens} tokens per rank (the last rank idle)", flush=True)
+    print(
+        f"moe_plugin demo: {args.nprocs} ranks ({backend}), {args.transport} transport; "
+        f"E={NUM_EXPERTS} K={TOP_K} H={HIDDEN} I={INTERMEDIATE}, "
+        f"{args.tokens} tokens per rank (the last rank idle)",
+        flush=True,
+    )
     options = DemoOptions(args.transport, args.tokens, args.iters, args.seed)
     per_rank = run_workers(run_demo, args.nprocs, options)
     return report(per_rank)
@@ -82,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def report(per_rank: list[list[CaseResult]]) -> int:
     """Print one line per case (worst error, slowest rank); 0 if every case matches."""
-    from moe_plugin.prepare_finalize.reference_experts import MATCH_TOLERANCE
+    from moe_plugin.demo.experts import MATCH_TOLERANCE
 
     print(f"{'mode':8} {'activations':12} {'rel. error':>10} {'ms/call':>9}  result")
     failed = 0
@@ -91,41 +108,53 @@ def report(per_rank: list[list[CaseResult]]) -> int:
         ms = max(rank[i].ms_per_call for rank in per_rank)
         ok = error <= MATCH_TOLERANCE  # False for NaN
         failed += not ok
-        print(f"{first.mode:8} {first.activations:12} {error:10.2e} {ms:9.3f}  "
-              f"{'match' if ok else 'MISMATCH'}")
-    print(f"relative error = max |out - dense reference| / max |reference|, tolerance "
-          f"{MATCH_TOLERANCE}; ms/call = median over the timed calls, slowest rank")
+        print(
+            f"{first.mode:8} {first.activations:12} {error:10.2e} {ms:9.3f}  "
+            f"{'match' if ok else 'MISMATCH'}"
+        )
+    print(
+        f"relative error = max |out - dense reference| / max |reference|, tolerance "
+        f"{MATCH_TOLERANCE}; ms/call = median over the timed calls, slowest rank"
+    )
     print("all cases match" if not failed else f"{failed} case(s) do not match")
     return 1 if failed else 0
 
 
 def run_demo(rank: int, world_size: int, options: DemoOptions) -> list[CaseResult]:
     """Every case on this rank (collective)."""
-    from moe_plugin.prepare_finalize import PREPARE_FINALIZE_CLASSES, TransportPool
-    from moe_plugin.prepare_finalize.quant import activation_quant_config
-    from moe_plugin.prepare_finalize.reference_experts import (
+    from moe_plugin.demo.experts import (
         ExpertParallelMoE,
         relative_error,
     )
-    from moe_plugin.transport import TransportSpec
+    from moe_plugin.prepare_finalize import PREPARE_FINALIZE_CLASSES
+    from moe_plugin.prepare_finalize.quant import activation_quant_config
+    from moe_plugin.transport import TransportPool, TransportSpec
 
-    device = torch.device("cuda", rank) if torch.cuda.is_available() and \
-        default_backend() == "nccl" else torch.device("cpu")
-    layer = ExpertParallelMoE(NUM_EXPERTS, HIDDEN, INTERMEDIATE, world_size, rank,
-                              options.seed, device)
+    device = (
+        torch.device("cuda", rank)
+        if torch.cuda.is_available() and default_backend() == "nccl"
+        else torch.device("cpu")
+    )
+    layer = ExpertParallelMoE(
+        NUM_EXPERTS, HIDDEN, INTERMEDIATE, world_size, rank, options.seed, device
+    )
     tokens = 0 if rank == world_size - 1 and world_size > 1 else options.tokens
     x, topk_ids, topk_weights = _routed_tokens(tokens, options.seed * 131 + rank, device)
-    spec = TransportSpec(max_tokens_per_rank=max(options.tokens, 1), hidden=HIDDEN,
-                         num_topk=TOP_K, num_experts=NUM_EXPERTS)
+    spec = TransportSpec(
+        max_tokens_per_rank=max(options.tokens, 1),
+        hidden=HIDDEN,
+        num_topk=TOP_K,
+        num_experts=NUM_EXPERTS,
+    )
     pool = TransportPool(options.transport)
     results = []
     for mode, fp8_block in CASES:
         quant_config = activation_quant_config(fp8_block)
-        kernel = layer.kernel(PREPARE_FINALIZE_CLASSES[mode](pool, spec, quant_config),
-                              TOP_K, quant_config)
+        kernel = layer.kernel(
+            PREPARE_FINALIZE_CLASSES[mode](pool, spec, quant_config), TOP_K, quant_config
+        )
         out = layer.forward(kernel, x, topk_ids, topk_weights)
-        ref = layer.reference(x, topk_ids, topk_weights,
-                              quant_config if fp8_block else None)
+        ref = layer.reference(x, topk_ids, topk_weights, quant_config if fp8_block else None)
         times = []
         for _ in range(options.iters):
             _sync(device)
@@ -133,14 +162,21 @@ def run_demo(rank: int, world_size: int, options: DemoOptions) -> list[CaseResul
             layer.forward(kernel, x, topk_ids, topk_weights)
             _sync(device)
             times.append((time.perf_counter() - start) * 1e3)
-        results.append(CaseResult(mode, f"fp8 block{fp8_block}" if fp8_block else "bf16",
-                                  relative_error(out, ref), statistics.median(times)))
+        results.append(
+            CaseResult(
+                mode,
+                f"fp8 block{fp8_block}" if fp8_block else "bf16",
+                relative_error(out, ref),
+                statistics.median(times),
+            )
+        )
     pool.destroy()
     return results
 
 
-def _routed_tokens(tokens: int, seed: int, device: torch.device
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _routed_tokens(
+    tokens: int, seed: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [T, H] bf16, top-K distinct experts per token and softmax weights."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(tokens, HIDDEN, generator=gen).to(torch.bfloat16)

@@ -47,30 +47,55 @@ def expert_mlp(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Ten
     return (F.silu(gate) * up) @ w2.float().t()
 
 
-def expert_parallel_moe_config(num_experts: int, top_k: int, hidden: int,
-                               intermediate: int, world_size: int, rank: int,
-                               device: torch.device | str = "cpu") -> FusedMoEConfig:
+def expert_parallel_moe_config(
+    num_experts: int,
+    top_k: int,
+    hidden: int,
+    intermediate: int,
+    world_size: int,
+    rank: int,
+    device: torch.device | str = "cpu",
+) -> FusedMoEConfig:
     """vLLM's config of a bf16 SiLU MoE layer split over `world_size` data-parallel ranks
     with expert parallelism (rank `rank` owns num_experts / world_size experts)."""
     parallel = FusedMoEParallelConfig(
-        tp_size=1, pcp_size=1, dp_size=world_size, ep_size=world_size, tp_rank=0, pcp_rank=0,
-        dp_rank=rank, ep_rank=rank, sp_size=1, use_ep=True,
-        all2all_backend="allgather_reducescatter", enable_eplb=False)
+        tp_size=1,
+        pcp_size=1,
+        dp_size=world_size,
+        ep_size=world_size,
+        tp_rank=0,
+        pcp_rank=0,
+        dp_rank=rank,
+        ep_rank=rank,
+        sp_size=1,
+        use_ep=True,
+        all2all_backend="allgather_reducescatter",
+        enable_eplb=False,
+    )
     return FusedMoEConfig(
-        num_experts=num_experts, experts_per_token=top_k, hidden_dim=hidden,
-        intermediate_size=intermediate, num_local_experts=num_experts // world_size,
-        num_logical_experts=num_experts, activation=MoEActivation.SILU, device=device,
-        routing_method=RoutingMethodType.TopK, moe_parallel_config=parallel,
-        in_dtype=torch.bfloat16)
+        num_experts=num_experts,
+        experts_per_token=top_k,
+        hidden_dim=hidden,
+        intermediate_size=intermediate,
+        num_local_experts=num_experts // world_size,
+        num_logical_experts=num_experts,
+        activation=MoEActivation.SILU,
+        device=device,
+        routing_method=RoutingMethodType.TopK,
+        moe_parallel_config=parallel,
+        in_dtype=torch.bfloat16,
+    )
 
 
-def linear_expert_map(num_experts: int, world_size: int, rank: int,
-                      device: torch.device | str = "cpu") -> torch.Tensor:
+def linear_expert_map(
+    num_experts: int, world_size: int, rank: int, device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """vLLM's expert_map for linear placement: global id -> local id on `rank`, else -1."""
     local = num_experts // world_size
     expert_map = torch.full((num_experts,), -1, dtype=torch.int32, device=device)
-    expert_map[rank * local:(rank + 1) * local] = torch.arange(local, dtype=torch.int32,
-                                                               device=device)
+    expert_map[rank * local : (rank + 1) * local] = torch.arange(
+        local, dtype=torch.int32, device=device
+    )
     return expert_map
 
 
@@ -85,9 +110,15 @@ class ReferenceExperts(mk.FusedMoEExpertsModular):
     prepare to defer input quantization to the experts (they compute on bf16 rows).
     """
 
-    def __init__(self, moe_config: FusedMoEConfig, quant_config: FusedMoEQuantConfig, *,
-                 reduce: bool = True, invalid_fill: float = 0.0,
-                 unquantized_inputs: bool = False) -> None:
+    def __init__(
+        self,
+        moe_config: FusedMoEConfig,
+        quant_config: FusedMoEQuantConfig,
+        *,
+        reduce: bool = True,
+        invalid_fill: float = 0.0,
+        unquantized_inputs: bool = False,
+    ) -> None:
         super().__init__(moe_config, quant_config)
         self.reduce = reduce
         self.invalid_fill = invalid_fill
@@ -110,8 +141,9 @@ class ReferenceExperts(mk.FusedMoEExpertsModular):
         return False
 
     @staticmethod
-    def _supports_quant_scheme(weight_key: QuantKey | None,
-                               activation_key: QuantKey | None) -> bool:
+    def _supports_quant_scheme(
+        weight_key: QuantKey | None, activation_key: QuantKey | None
+    ) -> bool:
         return weight_key is None
 
     @staticmethod
@@ -122,35 +154,59 @@ class ReferenceExperts(mk.FusedMoEExpertsModular):
     def _supports_parallel_config(moe_parallel_config: FusedMoEParallelConfig) -> bool:
         return True
 
-    def workspace_shapes(self, M: int, N: int, K: int, topk: int, global_num_experts: int,
-                         local_num_experts: int,
-                         expert_tokens_meta: mk.ExpertTokensMetadata | None,
-                         activation: MoEActivation
-                         ) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    def workspace_shapes(
+        self,
+        M: int,
+        N: int,
+        K: int,
+        topk: int,
+        global_num_experts: int,
+        local_num_experts: int,
+        expert_tokens_meta: mk.ExpertTokensMetadata | None,
+        activation: MoEActivation,
+    ) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
         output = (M, K) if self.reduce else (M, topk, K)
         return (0,), (0,), output
 
     def finalize_weight_and_reduce_impl(self) -> mk.TopKWeightAndReduce:
         return TopKWeightAndReduceNoOP() if self.reduce else TopKWeightAndReduceDelegate()
 
-    def apply(self, output: torch.Tensor, hidden_states: torch.Tensor, w1: torch.Tensor,
-              w2: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-              activation: MoEActivation, global_num_experts: int,
-              expert_map: torch.Tensor | None, a1q_scale: torch.Tensor | None,
-              a2_scale: torch.Tensor | None, workspace13: torch.Tensor,
-              workspace2: torch.Tensor, expert_tokens_meta: mk.ExpertTokensMetadata | None,
-              apply_router_weight_on_input: bool) -> None:
+    def apply(
+        self,
+        output: torch.Tensor,
+        hidden_states: torch.Tensor,
+        w1: torch.Tensor,
+        w2: torch.Tensor,
+        topk_weights: torch.Tensor,
+        topk_ids: torch.Tensor,
+        activation: MoEActivation,
+        global_num_experts: int,
+        expert_map: torch.Tensor | None,
+        a1q_scale: torch.Tensor | None,
+        a2_scale: torch.Tensor | None,
+        workspace13: torch.Tensor,
+        workspace2: torch.Tensor,
+        expert_tokens_meta: mk.ExpertTokensMetadata | None,
+        apply_router_weight_on_input: bool,
+    ) -> None:
         """Write the experts' output for rows `hidden_states` [M, H] (bf16, or fp8 with
         `a1q_scale`) with GLOBAL `topk_ids` [M, K] into `output`."""
         x = dequantize_activations(hidden_states, a1q_scale)
         local_ids = _local_ids(topk_ids, expert_map)
-        weights = torch.ones_like(topk_weights, dtype=torch.float32) \
-            if apply_router_weight_on_input else topk_weights.float()
+        weights = (
+            torch.ones_like(topk_weights, dtype=torch.float32)
+            if apply_router_weight_on_input
+            else topk_weights.float()
+        )
         if self.reduce:
             acc = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         else:
-            acc = torch.full((*topk_ids.shape, x.shape[1]), self.invalid_fill,
-                             dtype=torch.float32, device=x.device)
+            acc = torch.full(
+                (*topk_ids.shape, x.shape[1]),
+                self.invalid_fill,
+                dtype=torch.float32,
+                device=x.device,
+            )
         for e in range(w1.shape[0]):
             chosen = local_ids == e
             rows = chosen.any(dim=1).nonzero().squeeze(1)
@@ -172,55 +228,109 @@ class ExpertParallelMoE:
     `rank`'s share. `kernel` builds vLLM's modular kernel around a prepare/finalize,
     `forward` runs it, `reference` is the dense MoE on all experts for comparison."""
 
-    def __init__(self, num_experts: int, hidden: int, intermediate: int, world_size: int,
-                 rank: int, seed: int, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self,
+        num_experts: int,
+        hidden: int,
+        intermediate: int,
+        world_size: int,
+        rank: int,
+        seed: int,
+        device: torch.device | str = "cpu",
+    ) -> None:
         gen = torch.Generator().manual_seed(seed)
         self.num_experts, self.hidden, self.intermediate = num_experts, hidden, intermediate
         self.world_size, self.rank, self.device = world_size, rank, torch.device(device)
-        self.w1 = (torch.randn(num_experts, 2 * intermediate, hidden, generator=gen)
-                   / hidden ** 0.5).to(torch.bfloat16).to(self.device)
-        self.w2 = (torch.randn(num_experts, hidden, intermediate, generator=gen)
-                   / intermediate ** 0.5).to(torch.bfloat16).to(self.device)
+        self.w1 = (
+            (torch.randn(num_experts, 2 * intermediate, hidden, generator=gen) / hidden**0.5)
+            .to(torch.bfloat16)
+            .to(self.device)
+        )
+        self.w2 = (
+            (torch.randn(num_experts, hidden, intermediate, generator=gen) / intermediate**0.5)
+            .to(torch.bfloat16)
+            .to(self.device)
+        )
         local = num_experts // world_size
-        self.w1_local = self.w1[rank * local:(rank + 1) * local].contiguous()
-        self.w2_local = self.w2[rank * local:(rank + 1) * local].contiguous()
+        self.w1_local = self.w1[rank * local : (rank + 1) * local].contiguous()
+        self.w2_local = self.w2[rank * local : (rank + 1) * local].contiguous()
         self.expert_map = linear_expert_map(num_experts, world_size, rank, self.device)
         # vLLM's model runner sets this up in a server; the GPU kernel path draws on it.
         if not is_workspace_manager_initialized():
             init_workspace_manager(self.device)
 
-    def kernel(self, prepare_finalize: mk.FusedMoEPrepareAndFinalizeModular, top_k: int,
-               quant_config: FusedMoEQuantConfig, **expert_options: object
-               ) -> mk.FusedMoEKernel:
+    def kernel(
+        self,
+        prepare_finalize: mk.FusedMoEPrepareAndFinalizeModular,
+        top_k: int,
+        quant_config: FusedMoEQuantConfig,
+        **expert_options: object,
+    ) -> mk.FusedMoEKernel:
         """vLLM's modular kernel of `prepare_finalize` and `ReferenceExperts` (built with
         `expert_options`) for top-`top_k` routing."""
-        moe_config = expert_parallel_moe_config(self.num_experts, top_k, self.hidden,
-                                                self.intermediate, self.world_size,
-                                                self.rank, self.device)
+        moe_config = expert_parallel_moe_config(
+            self.num_experts,
+            top_k,
+            self.hidden,
+            self.intermediate,
+            self.world_size,
+            self.rank,
+            self.device,
+        )
         experts = ReferenceExperts(moe_config, quant_config, **expert_options)
         return mk.FusedMoEKernel(prepare_finalize, experts)
 
-    def forward(self, kernel: mk.FusedMoEKernel, x: torch.Tensor, topk_ids: torch.Tensor,
-                topk_weights: torch.Tensor, apply_router_weight_on_input: bool = False
-                ) -> torch.Tensor:
+    def forward(
+        self,
+        kernel: mk.FusedMoEKernel,
+        x: torch.Tensor,
+        topk_ids: torch.Tensor,
+        topk_weights: torch.Tensor,
+        apply_router_weight_on_input: bool = False,
+    ) -> torch.Tensor:
         """This rank's MoE output [T, H] bf16 for its tokens `x` [T, H] (collective)."""
-        return kernel.apply(x, self.w1_local, self.w2_local, topk_weights, topk_ids,
-                            MoEActivation.SILU, self.num_experts, self.expert_map,
-                            apply_router_weight_on_input)
+        return kernel.apply(
+            x,
+            self.w1_local,
+            self.w2_local,
+            topk_weights,
+            topk_ids,
+            MoEActivation.SILU,
+            self.num_experts,
+            self.expert_map,
+            apply_router_weight_on_input,
+        )
 
-    def reference(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-                  quant_config: FusedMoEQuantConfig | None = None,
-                  apply_router_weight_on_input: bool = False) -> torch.Tensor:
+    def reference(
+        self,
+        x: torch.Tensor,
+        topk_ids: torch.Tensor,
+        topk_weights: torch.Tensor,
+        quant_config: FusedMoEQuantConfig | None = None,
+        apply_router_weight_on_input: bool = False,
+    ) -> torch.Tensor:
         """The dense MoE over all experts on this process (see `reference_moe`)."""
-        return reference_moe(x, topk_ids, topk_weights, self.w1, self.w2,
-                             quant_config=quant_config,
-                             apply_router_weight_on_input=apply_router_weight_on_input)
+        return reference_moe(
+            x,
+            topk_ids,
+            topk_weights,
+            self.w1,
+            self.w2,
+            quant_config=quant_config,
+            apply_router_weight_on_input=apply_router_weight_on_input,
+        )
 
 
-def reference_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-                  w1: torch.Tensor, w2: torch.Tensor, *,
-                  quant_config: FusedMoEQuantConfig | None = None,
-                  apply_router_weight_on_input: bool = False) -> torch.Tensor:
+def reference_moe(
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    *,
+    quant_config: FusedMoEQuantConfig | None = None,
+    apply_router_weight_on_input: bool = False,
+) -> torch.Tensor:
     """The dense MoE on one process: out[t] = sum over k with topk_ids[t, k] >= 0 of
     w[t, k] * expert_{topk_ids[t, k]}(q(x[t])), float32 [T, H].
 

@@ -6,7 +6,8 @@ from typing import Any
 
 import torch.distributed as dist
 
-from moe_plugin.transport import Transport, TransportSpec, make_transport
+from moe_plugin.transport.base import Transport, TransportSpec
+from moe_plugin.transport.factory import make_transport
 
 
 class TransportPool:
@@ -18,8 +19,7 @@ class TransportPool:
     rank, which keeps this true).
     """
 
-    def __init__(self, name: str, group: dist.ProcessGroup | None = None,
-                 **kwargs: Any) -> None:
+    def __init__(self, name: str, group: dist.ProcessGroup | None = None, **kwargs: Any) -> None:
         self.name = name
         self.group = group
         self.kwargs = kwargs

@@ -31,8 +31,12 @@ class WriteBandwidth:
         return max(self.sm_gbps, self.copy_engine_gbps)
 
 
-def measure_write_bandwidth(group: dist.ProcessGroup | None = None, mib_per_peer: int = 256,
-                            iters: int = 20, warmup: int = 40) -> WriteBandwidth:
+def measure_write_bandwidth(
+    group: dist.ProcessGroup | None = None,
+    mib_per_peer: int = 256,
+    iters: int = 20,
+    warmup: int = 40,
+) -> WriteBandwidth:
     """Time every rank of `group` (one process per GPU, current device set) writing
     `mib_per_peer` MiB into each other rank's buffer concurrently, one stream per peer.
     Collective. Raises RuntimeError when there is no peer or the peers cannot be mapped.
@@ -85,5 +89,9 @@ def measure_write_bandwidth(group: dist.ProcessGroup | None = None, mib_per_peer
     torch.cuda.synchronize(device)
     dist.barrier(group)
     del targets, handle, local
-    return WriteBandwidth(sm_gbps=rates["sm"], copy_engine_gbps=rates["ce"],
-                          bytes_per_peer=numel * 4, peers=len(peers))
+    return WriteBandwidth(
+        sm_gbps=rates["sm"],
+        copy_engine_gbps=rates["ce"],
+        bytes_per_peer=numel * 4,
+        peers=len(peers),
+    )

@@ -64,11 +64,6 @@ def call(name: str, *args: Any) -> None:
         raise RuntimeError(f"{name} failed with status {status}: {message}")
 
 
-def ptr(tensor: torch.Tensor | None) -> ctypes.c_void_p:
-    """The tensor's data pointer as a void* argument (None: a null pointer)."""
-    return ctypes.c_void_p(None if tensor is None else tensor.data_ptr())
-
-
 def stream(device: torch.device | None = None) -> ctypes.c_void_p:
     """The current torch CUDA stream of `device` (default: current device) as a handle."""
     return ctypes.c_void_p(torch.cuda.current_stream(device).cuda_stream)

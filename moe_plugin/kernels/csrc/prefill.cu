@@ -808,9 +808,8 @@ MOE_EXPORT long long moe_prefill_slot_bytes(long long R, long long E, long long 
   return make_geometry(R, 0, E, K, H, elt, nscales, Bt, C).slot_bytes;
 }
 
-// The most experts and ranks the prefill kernels take.
+// The most experts the prefill kernels take.
 MOE_EXPORT long long moe_prefill_max_experts() { return kMaxExperts; }
-MOE_EXPORT long long moe_prefill_max_ranks() { return kMaxRanks; }
 
 // Pinned host memory mapped into the device address space (the host reads what kernels
 // write there without a device synchronization).

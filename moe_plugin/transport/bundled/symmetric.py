@@ -30,10 +30,9 @@ class SymmetricBuffer:
     """`nbytes` zeroed bytes on `device` on each rank of `group`, mapped by every peer.
 
     Collective: every rank of the group builds it with the same `nbytes`, and calls
-    `destroy()`. `.local` is a uint8 tensor over this rank's allocation, `.peer_ptrs` a device
-    int64 tensor [R] of every rank's allocation as mapped in this process (own included),
-    `.peer_addresses` the same as host ints. Views taken from `.local` are invalid after
-    `destroy()`.
+    `destroy()`. `.local` is a uint8 tensor over this rank's allocation, `.peer_addresses` the
+    address of every rank's allocation as mapped in this process (own included). Views taken
+    from `.local` are invalid after `destroy()`.
     """
 
     def __init__(self, nbytes: int, group: dist.ProcessGroup, device: torch.device) -> None:
@@ -77,7 +76,6 @@ class SymmetricBuffer:
                 f"IPC (are all ranks on one host with peer access?): {e}"
             ) from e
         self.peer_addresses: list[int] = addresses
-        self.peer_ptrs = torch.tensor(addresses, dtype=torch.int64, device=self.device)
         self.local = torch.as_tensor(
             _DeviceArray(self._local_address, self.nbytes), device=self.device
         )

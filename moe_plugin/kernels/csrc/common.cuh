@@ -1,11 +1,13 @@
-// Shared definitions for every kernel of the library: status codes, the error record,
-// system-scope flag operations, bounded waits and 16-byte copies. No torch headers.
+// Shared definitions for every kernel of the library: status codes, the error record, launch
+// and shape bounds, system-scope flag operations, bounded waits, 16-byte copies, warp scans
+// and bf16 sums. No torch headers.
 //
 // Exported host functions are `extern "C" MOE_EXPORT int name(...)` taking only `void*`,
 // `long long` and `double` arguments (what the Python binding passes) and returning 0 or a
 // status: a cudaError_t value, or one of the MOE_STATUS_* codes below.
 #pragma once
 
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
 
@@ -29,6 +31,26 @@
 #define MOE_PHASE_PREFILL_COMBINE 5
 
 #define MOE_ERROR_TIMEOUT 1
+
+// Threads of a data kernel's block (decode and prefill), and its warps.
+constexpr int kThreads = 512;
+constexpr int kWarps = kThreads / 32;
+// The most ranks of a transport (2, 4 or 8 GPUs of one host); rank sets are bitmasks.
+constexpr int kMaxRanks = 8;
+// The most choices (top-K) of a token: one lane each.
+constexpr int kMaxTopk = 32;
+
+// v rounded up to a multiple of a.
+__host__ __device__ inline long long round_up(long long v, long long a) {
+  return (v + a - 1) / a * a;
+}
+
+// The shape checks both paths share: R of 2, 4 or 8 ranks, rank in [0, R), E experts split
+// evenly over the ranks, 1 <= K <= kMaxTopk, H a positive multiple of 8 (16-byte bf16 words).
+inline bool shape_ok(long long R, long long rank, long long E, long long K, long long H) {
+  return (R == 2 || R == 4 || R == 8) && rank >= 0 && rank < R && E >= R && E % R == 0 &&
+         K >= 1 && K <= kMaxTopk && H >= 8 && H % 8 == 0;
+}
 
 // What a kernel records when a bounded wait gives up; the first failure wins. Lives in
 // device memory (the host copies it when it checks), zeroed when the transport is built.
@@ -182,13 +204,15 @@ __device__ __forceinline__ void st_v4(int4* p, int4 v) {
 }
 
 // A warp moves rows in segments of 32*N 16-byte words: lane l holds words l, l+32, ...
-// (those below n16). Loads are all issued before any store, to keep them in flight.
-template <int N>
+// (those below n16). Loads are all issued before any store, to keep them in flight;
+// kFromPeers loads through L2 only (ld_cg: data peers wrote), else non-coherently (ld_nc).
+template <bool kFromPeers = false, int N>
 __device__ __forceinline__ void load_segment(int4 (&v)[N], const int4* src, int n16,
                                              int lane) {
 #pragma unroll
   for (int u = 0; u < N; ++u)
-    if (lane + 32 * u < n16) v[u] = ld_nc_v4(src + lane + 32 * u);
+    if (lane + 32 * u < n16)
+      v[u] = kFromPeers ? ld_cg_v4(src + lane + 32 * u) : ld_nc_v4(src + lane + 32 * u);
 }
 
 template <int N>
@@ -203,4 +227,43 @@ __device__ __forceinline__ int warp_sum(int v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;
+}
+
+// The lanes below lane n (all 32 for n >= 32), as a mask.
+__device__ __forceinline__ unsigned lanes_below(int n) {
+  return n >= 32 ? 0xffffffffu : ((1u << n) - 1u);
+}
+
+// Block scan over warps: of the per-warp counts counts[w * stride] (w < kWarps, complete
+// after a barrier), the sum over the warps before `warp` (.x) and over all of them (.y).
+__device__ __forceinline__ int2 warp_scan(const int* counts, int stride, int warp) {
+  int before = 0, total = 0;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) {
+    const int c = counts[w * stride];
+    before += w < warp ? c : 0;
+    total += c;
+  }
+  return make_int2(before, total);
+}
+
+// acc[0..8) += the 8 bf16 of v, in fp32 (a bf16 is the high half of its fp32: exact).
+__device__ __forceinline__ void add_bf16x8(float* acc, int4 v) {
+  const unsigned w[4] = {(unsigned)v.x, (unsigned)v.y, (unsigned)v.z, (unsigned)v.w};
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    acc[2 * j] += __uint_as_float(w[j] << 16);
+    acc[2 * j + 1] += __uint_as_float(w[j] & 0xffff0000u);
+  }
+}
+
+// acc[0..8) rounded to bf16 (nearest even), packed as 16 bytes.
+__device__ __forceinline__ int4 pack_bf16x8(const float* acc) {
+  unsigned w[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(acc[2 * j], acc[2 * j + 1]);
+    w[j] = *reinterpret_cast<const unsigned*>(&h);
+  }
+  return make_int4((int)w[0], (int)w[1], (int)w[2], (int)w[3]);
 }

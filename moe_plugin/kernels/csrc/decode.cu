@@ -17,15 +17,10 @@
 // blocks. Buffers are double-buffered by call parity (chosen on the host per slot): a rank is
 // at most one call ahead of any peer, so it never writes into a buffer its owner may still
 // read (see transport/bundled/decode.py for what that asks of callers under CUDA graphs).
-#include <cuda_bf16.h>
-
 #include "common.cuh"
 
 namespace {
 
-constexpr int kThreads = 512;
-constexpr int kWarps = kThreads / 32;
-constexpr int kMaxRanks = 8;
 constexpr int kUnroll = 4;
 constexpr int kSegment16 = 32 * kUnroll;  // 16-byte words one warp moves per work item
 constexpr int kChunk = kThreads;          // tokens per routing table: one per thread
@@ -43,8 +38,6 @@ struct SlotCounters {
   unsigned dispatch_arrivals;  // blocks done with a dispatch's stores
   unsigned combine_arrivals;
 };
-
-long long align_up(long long v) { return (v + kAlign - 1) / kAlign * kAlign; }
 
 struct Dims {
   int R, rank, Tmax, H, K, E, L, fp8, S;
@@ -70,34 +63,34 @@ Layout make_layout(const Dims& d) {
   long long sym = 0, loc = 0;
   for (int slot = 0; slot < 2; ++slot) {
     const long long dflags = sym;
-    sym = align_up(sym + 8LL * d.R);
+    sym = round_up(sym + 8LL * d.R, kAlign);
     const long long cflags = sym;
-    sym = align_up(sym + 8LL * d.R);
+    sym = round_up(sym + 8LL * d.R, kAlign);
     const long long counters = loc;
-    loc = align_up(loc + (long long)sizeof(SlotCounters));
+    loc = round_up(loc + (long long)sizeof(SlotCounters), kAlign);
     for (int parity = 0; parity < 2; ++parity) {
       Offsets& o = l.at[slot][parity];
       o.dispatch_flags = dflags;
       o.combine_flags = cflags;
       o.counters = counters;
       o.counts = sym;
-      sym = align_up(sym + 8LL * d.R);
+      sym = round_up(sym + 8LL * d.R, kAlign);
       o.recv_x = sym;
-      sym = align_up(sym + rows * d.row_bytes);
+      sym = round_up(sym + rows * d.row_bytes, kAlign);
       o.recv_scales = sym;
-      sym = align_up(sym + rows * d.S * 4LL);
+      sym = round_up(sym + rows * d.S * 4LL, kAlign);
       o.recv_idx = sym;
-      sym = align_up(sym + rows * d.K * 8LL);
+      sym = round_up(sym + rows * d.K * 8LL, kAlign);
       o.recv_w = sym;
-      sym = align_up(sym + rows * d.K * 4LL);
+      sym = round_up(sym + rows * d.K * 4LL, kAlign);
       o.comb = sym;
-      sym = align_up(sym + rows * d.H * 2LL);
+      sym = round_up(sym + rows * d.H * 2LL, kAlign);
       o.recv_counts = loc;
-      loc = align_up(loc + 4LL * d.R);
+      loc = round_up(loc + 4LL * d.R, kAlign);
       o.pos = loc;
-      loc = align_up(loc + 4LL * d.Tmax * d.R);
+      loc = round_up(loc + 4LL * d.Tmax * d.R, kAlign);
       o.padded = loc;
-      loc = align_up(loc + 4LL * d.R);
+      loc = round_up(loc + 4LL * d.R, kAlign);
     }
   }
   l.sym_bytes = sym;
@@ -276,17 +269,11 @@ __device__ __forceinline__ void chunk_rows(int R, int c0, int n, const unsigned*
   __syncthreads();
   int base = 0;  // lane r: rows bound for r before this warp's tokens
   if (lane < R) {
-    int before = 0, all = 0;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) {
-      const int c = warp_count[w][lane];
-      all += c;
-      if (w < warp) before += c;
-    }
-    base = running + before;
-    running += all;
+    const int2 scan = warp_scan(&warp_count[0][lane], kMaxRanks, warp);
+    base = running + scan.x;
+    running += scan.y;
   }
-  const unsigned below = (1u << lane) - 1;
+  const unsigned below = lanes_below(lane);
 #pragma unroll
   for (int r = 0; r < kMaxRanks; ++r) {
     if (r < R) {
@@ -432,25 +419,6 @@ __global__ void __launch_bounds__(kThreads, 2) decode_dispatch_kernel(const Para
   if ((p.phases & kPhaseRecv) && blockIdx.x == 0) receive_counts(p, seq);
 }
 
-__device__ __forceinline__ void add_bf16x8(float* acc, int4 v) {
-  const unsigned w[4] = {(unsigned)v.x, (unsigned)v.y, (unsigned)v.z, (unsigned)v.w};
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    acc[2 * j] += __uint_as_float(w[j] << 16);
-    acc[2 * j + 1] += __uint_as_float(w[j] & 0xffff0000u);
-  }
-}
-
-__device__ __forceinline__ int4 pack_bf16x8(const float* acc) {
-  unsigned w[4];
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const __nv_bfloat162 h = __floats2bfloat162_rn(acc[2 * j], acc[2 * j + 1]);
-    w[j] = *reinterpret_cast<const unsigned*>(&h);
-  }
-  return make_int4((int)w[0], (int)w[1], (int)w[2], (int)w[3]);
-}
-
 // rows[e] = row of the combine buffer's region from rank e holding token j / h16 (its
 // dispatch row there), or -1: no row, or j >= items.
 template <int R>
@@ -559,9 +527,7 @@ __global__ void __launch_bounds__(kThreads, R < 8 ? 2 : 1)
 }
 
 bool dims_valid(const Dims& d) {
-  return (d.R == 2 || d.R == 4 || d.R == 8) && d.rank >= 0 && d.rank < d.R && d.Tmax >= 1 &&
-         d.H >= 8 && d.H % 8 == 0 && d.K >= 1 && d.K <= 32 && d.E >= d.R && d.E % d.R == 0 &&
-         (!d.fp8 || d.H % 128 == 0);
+  return shape_ok(d.R, d.rank, d.E, d.K, d.H) && d.Tmax >= 1 && (!d.fp8 || d.H % 128 == 0);
 }
 
 // v as an int, or -1 (which dims_valid rejects) outside [0, kMaxTokens].

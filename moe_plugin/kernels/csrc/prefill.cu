@@ -7,8 +7,6 @@
 // that lives in the destination's symmetric buffer; every chunk is released with its
 // cumulative index, and the consumer hands the slot back the same way, so no flag is ever
 // cleared. prefill.py documents the design; the layout of a slot region is `Geometry`.
-#include <cuda_bf16.h>
-
 #include <algorithm>
 #include <cstring>
 
@@ -16,15 +14,12 @@
 
 namespace {
 
-constexpr int kMaxRanks = 32;  // destination sets are 32-bit masks
-constexpr int kThreads = 512;  // data kernels
-constexpr int kWarps = kThreads / 32;
 constexpr int kLayoutWarps = 4;
 constexpr int kExchangeThreads = 1024;
 constexpr int kMaxExperts = 2048;  // bounds the exchange kernel's shared memory
 constexpr int kCopyUnroll = 8;     // 16-byte loads in flight per lane (dispatch copies)
 constexpr int kMaxBlockTokens = 128;
-constexpr int kMaxSources = 32 + kMaxRanks;  // rows summed into one combine output row
+constexpr int kMaxSources = kMaxTopk + kMaxRanks;  // rows summed into one combine output row
 constexpr int kMaxScaleWords = 4;  // scales per lane: at most 128 per token (H <= 16384)
 
 // Byte layout of one slot's region of the symmetric buffer (identical on every rank).
@@ -43,8 +38,6 @@ struct Geometry {
   long long off_ring;     // [R - 1][C][chunk_bytes]: rings from the other ranks
   long long slot_bytes;
 };
-
-__host__ __device__ inline long long round_up(long long v, long long a) { return (v + a - 1) / a * a; }
 
 Geometry make_geometry(long long R, long long rank, long long E, long long K, long long H,
                        long long elt, long long nscales, long long Bt, long long C) {
@@ -83,10 +76,9 @@ Geometry make_geometry(long long R, long long rank, long long E, long long K, lo
 
 bool geometry_ok(long long R, long long rank, long long E, long long K, long long H,
                  long long elt, long long nscales, long long Bt, long long C) {
-  return R >= 1 && R <= kMaxRanks && rank >= 0 && rank < R && E >= R && E % R == 0 &&
-         E <= kMaxExperts && K >= 1 && K <= 32 && H >= 8 && H % 8 == 0 &&
-         (elt == 1 || elt == 2) && (H * elt) % 16 == 0 && Bt >= 32 &&
-         Bt <= kMaxBlockTokens && Bt % 32 == 0 && C >= 1 && nscales <= 32 * kMaxScaleWords;
+  return shape_ok(R, rank, E, K, H) && E <= kMaxExperts && (elt == 1 || elt == 2) &&
+         (H * elt) % 16 == 0 && Bt >= 32 && Bt <= kMaxBlockTokens && Bt % 32 == 0 && C >= 1 &&
+         nscales <= 32 * kMaxScaleWords;
 }
 
 // Per-rank values of one call, from the host table [base R][tokens R][map_off R]
@@ -160,10 +152,6 @@ __device__ __forceinline__ int num_blocks(long long tokens, int Bt) {
   return (int)((tokens + Bt - 1) / Bt);
 }
 
-__device__ __forceinline__ unsigned lanes_below(int n) {
-  return n >= 32 ? 0xffffffffu : ((1u << n) - 1u);
-}
-
 // Which role this CTA plays: returns the group, and its index and count within it.
 __device__ __forceinline__ int my_group(const Peers& p, int& index, int& count) {
   int g = 0;
@@ -180,15 +168,10 @@ __device__ int block_rank(bool flag, int* warp_tot, int& total) {
   const unsigned b = __ballot_sync(0xffffffffu, flag);
   if (lane == 0) warp_tot[warp] = __popc(b);
   __syncthreads();
-  int before = 0;
-  total = 0;
-  for (int w = 0; w < kWarps; ++w) {
-    const int c = warp_tot[w];
-    before += w < warp ? c : 0;
-    total += c;
-  }
+  const int2 scan = warp_scan(warp_tot, 1, warp);
+  total = scan.y;
   __syncthreads();
-  return flag ? before + __popc(b & lanes_below(lane)) : -1;
+  return flag ? scan.x + __popc(b & lanes_below(lane)) : -1;
 }
 
 // One warp copies one token: `n16` 16-byte words of payload from `src` and `nscales` float
@@ -210,18 +193,10 @@ __device__ __forceinline__ void warp_copy_token(const char* src, const float* sr
   const int4* s4 = reinterpret_cast<const int4*>(src);
   for (int base = 0; base < n16; base += 32 * kCopyUnroll) {
     int4 v[kCopyUnroll];
-#pragma unroll
-    for (int u = 0; u < kCopyUnroll; ++u) {
-      const int j = base + u * 32 + lane;
-      if (j < n16) v[u] = kFromPeers ? ld_cg_v4(s4 + j) : ld_nc_v4(s4 + j);
-    }
+    load_segment<kFromPeers>(v, s4 + base, n16 - base, lane);
     for (int r = 0; r < nrows; ++r) {
       int4* d4 = reinterpret_cast<int4*>(dst + (rows ? (long long)rows[r] : 0LL) * dst_stride);
-#pragma unroll
-      for (int u = 0; u < kCopyUnroll; ++u) {
-        const int j = base + u * 32 + lane;
-        if (j < n16) st_v4(d4 + j, v[u]);
-      }
+      store_segment(d4 + base, v, n16 - base, lane);
     }
   }
   for (int r = 0; r < nrows; ++r) {
@@ -232,24 +207,6 @@ __device__ __forceinline__ void warp_copy_token(const char* src, const float* sr
       if (i < nscales) d[i] = sc[j];
     }
   }
-}
-
-__device__ __forceinline__ void add_bf16x8(float* acc, int4 v) {
-  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 f = __bfloat1622float2(h[i]);
-    acc[2 * i] += f.x;
-    acc[2 * i + 1] += f.y;
-  }
-}
-
-__device__ __forceinline__ int4 pack_bf16x8(const float* acc) {
-  int4 v;
-  __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&v);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) h[i] = __floats2bfloat162_rn(acc[2 * i], acc[2 * i + 1]);
-  return v;
 }
 
 // ------------------------------------------------------------------------------ layout

@@ -1,20 +1,13 @@
-// Shared definitions for every kernel of the library: status codes, the error record, launch
+// Shared definitions for every kernel of the library: the CUDA status macro, launch
 // and shape bounds, system-scope flag operations, bounded waits, 16-byte copies, warp scans
-// and bf16 sums. No torch headers.
-//
-// Exported host functions are `extern "C" MOE_EXPORT int name(...)` taking only `void*`,
-// `long long` and `double` arguments (what the Python binding passes) and returning 0 or a
-// status: a cudaError_t value, or one of the MOE_STATUS_* codes below.
+// and bf16 sums. No torch headers. The exported interface is api.h.
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
 
-#define MOE_EXPORT __attribute__((visibility("default")))
-
-// Status codes above every cudaError_t value.
-#define MOE_STATUS_INVALID_ARGUMENT 100001
+#include "api.h"
 
 // Return the status of a CUDA runtime call from the enclosing function if it failed.
 #define MOE_TRY(call)                                   \
@@ -22,15 +15,6 @@
     cudaError_t moe_status_ = (call);                   \
     if (moe_status_ != cudaSuccess) return (int)moe_status_; \
   } while (0)
-
-// Phases named in the error record (mirrored in moe_plugin/transport/bundled/errors.py).
-#define MOE_PHASE_DECODE_DISPATCH 1
-#define MOE_PHASE_DECODE_COMBINE 2
-#define MOE_PHASE_PREFILL_LAYOUT 3
-#define MOE_PHASE_PREFILL_DISPATCH 4
-#define MOE_PHASE_PREFILL_COMBINE 5
-
-#define MOE_ERROR_TIMEOUT 1
 
 // Threads of a data kernel's block (decode and prefill), and its warps.
 constexpr int kThreads = 512;
@@ -51,18 +35,6 @@ inline bool shape_ok(long long R, long long rank, long long E, long long K, long
   return (R == 2 || R == 4 || R == 8) && rank >= 0 && rank < R && E >= R && E % R == 0 &&
          K >= 1 && K <= kMaxTopk && H >= 8 && H % 8 == 0;
 }
-
-// What a kernel records when a bounded wait gives up; the first failure wins. Lives in
-// device memory (the host copies it when it checks), zeroed when the transport is built.
-struct ErrorRecord {
-  int code;          // 0 = no error, MOE_ERROR_TIMEOUT
-  int waiting_rank;  // the rank whose kernel waited
-  int peer;          // the rank it waited for
-  int phase;         // MOE_PHASE_*
-  long long seq;     // the call's sequence number on that slot
-  int slot;
-  int pad;
-};
 
 // The context of a bounded wait, for the error record.
 struct WaitSite {

@@ -28,8 +28,8 @@ constexpr int kIdBatch = 4;               // expert ids a thread loads at once
 constexpr int kMaxTokens = 1 << 24;       // bound on Tmax and H: indices stay in int
 constexpr int kAlign = 256;
 
-constexpr int kPhaseSend = 1;
-constexpr int kPhaseRecv = 2;
+constexpr int kPhaseSend = MOE_DECODE_PHASE_SEND;
+constexpr int kPhaseRecv = MOE_DECODE_PHASE_RECV;
 
 // Local (per-rank, not peer-visible) counters of one slot.
 struct SlotCounters {
@@ -580,21 +580,21 @@ int dispatch_grid(const Plan& plan, long long phases) {
 
 }  // namespace
 
-extern "C" {
-
-// Write the buffer layout for (slot, parity) into out[8]: symmetric bytes, local bytes, and
-// the offsets of recv_x, recv_scales, recv_idx, recv_w (symmetric), recv_counts, pos (local).
-MOE_EXPORT int moe_decode_layout(long long R, long long Tmax, long long H, long long K,
-                                 long long E, long long fp8, long long slot, long long parity,
-                                 long long* out) {
+// The buffers' sizes and the offsets of (slot, parity)'s regions (see DecodeLayout).
+MOE_ENTRY(moe_decode_layout) {
   const Dims d = make_dims(R, 0, Tmax, H, K, E, fp8);
   if (!dims_valid(d) || slot < 0 || slot > 1 || parity < 0 || parity > 1 || out == nullptr)
     return MOE_STATUS_INVALID_ARGUMENT;
   const Layout l = make_layout(d);
   const Offsets& o = l.at[slot][parity];
-  const long long values[8] = {l.sym_bytes, l.local_bytes, o.recv_x,     o.recv_scales,
-                               o.recv_idx,  o.recv_w,      o.recv_counts, o.pos};
-  for (int j = 0; j < 8; ++j) out[j] = values[j];
+  out->sym_bytes = l.sym_bytes;
+  out->local_bytes = l.local_bytes;
+  out->recv_x = o.recv_x;
+  out->recv_scales = o.recv_scales;
+  out->recv_idx = o.recv_idx;
+  out->recv_w = o.recv_w;
+  out->recv_counts = o.recv_counts;
+  out->pos = o.pos;
   return 0;
 }
 
@@ -602,11 +602,7 @@ MOE_EXPORT int moe_decode_layout(long long R, long long Tmax, long long H, long 
 // included), `local_state` a zeroed device buffer of the layout's local bytes, `dropped` a
 // device int64 counter, `err` a zeroed device ErrorRecord. `grid` blocks per launch.
 // Tmax and H are at most 2^24.
-MOE_EXPORT int moe_decode_plan_create(void** plan_out, long long device, long long R,
-                                      long long rank, long long Tmax, long long H, long long K,
-                                      long long E, long long fp8, const long long* peers,
-                                      void* local_state, void* dropped, void* err,
-                                      long long timeout_ns, long long grid) {
+MOE_ENTRY(moe_decode_plan_create) {
   const Dims d = make_dims(R, rank, Tmax, H, K, E, fp8);
   if (plan_out == nullptr || !dims_valid(d) || peers == nullptr || local_state == nullptr ||
       dropped == nullptr || err == nullptr || timeout_ns <= 0 || grid < R)
@@ -626,30 +622,27 @@ MOE_EXPORT int moe_decode_plan_create(void** plan_out, long long device, long lo
   return 0;
 }
 
-MOE_EXPORT int moe_decode_plan_destroy(void* plan) {
+MOE_ENTRY(moe_decode_plan_destroy) {
   delete static_cast<Plan*>(plan);
   return 0;
 }
 
 // Dispatch T tokens of x ([T, H] bf16 or fp8 with x_scales [T, H/128] f32), topk_idx [T, K]
 // int64 global ids and topk_w [T, K] f32 on `stream`. phases: 1 send, 2 receive, 3 both.
-MOE_EXPORT int moe_decode_dispatch(void* plan_ptr, void* stream, const void* x,
-                                   const void* x_scales, const void* topk_idx,
-                                   const void* topk_w, long long T, long long slot,
-                                   long long parity, long long phases) {
-  const Plan* plan = static_cast<const Plan*>(plan_ptr);
-  if (!call_valid(plan, slot, parity, phases, T)) return MOE_STATUS_INVALID_ARGUMENT;
+MOE_ENTRY(moe_decode_dispatch) {
+  const Plan* pl = static_cast<const Plan*>(plan);
+  if (!call_valid(pl, slot, parity, phases, T)) return MOE_STATUS_INVALID_ARGUMENT;
   if ((phases & kPhaseSend) &&
       (T > 0 && (x == nullptr || topk_idx == nullptr || topk_w == nullptr ||
-                 (plan->dims.fp8 && x_scales == nullptr))))
+                 (pl->dims.fp8 && x_scales == nullptr))))
     return MOE_STATUS_INVALID_ARGUMENT;
-  Params p = make_params(*plan, slot, parity, phases, T);
+  Params p = make_params(*pl, slot, parity, phases, T);
   p.x = static_cast<const char*>(x);
   p.x_scales = static_cast<const float*>(x_scales);
   p.topk_idx = static_cast<const long long*>(topk_idx);
   p.topk_w = static_cast<const float*>(topk_w);
-  MOE_TRY(cudaSetDevice(plan->device));
-  decode_dispatch_kernel<<<dispatch_grid(*plan, phases), kThreads, 0,
+  MOE_TRY(cudaSetDevice(pl->device));
+  decode_dispatch_kernel<<<dispatch_grid(*pl, phases), kThreads, 0,
                            static_cast<cudaStream_t>(stream)>>>(p);
   MOE_TRY(cudaGetLastError());
   return 0;
@@ -657,25 +650,22 @@ MOE_EXPORT int moe_decode_dispatch(void* plan_ptr, void* stream, const void* x,
 
 // Combine: y [R*Tmax, H] bf16 (rows of the dispatch on (slot, parity)) -> out [T, H] bf16,
 // T = that dispatch's token count.
-MOE_EXPORT int moe_decode_combine(void* plan_ptr, void* stream, const void* y, void* out,
-                                  long long T, long long slot, long long parity,
-                                  long long phases) {
-  const Plan* plan = static_cast<const Plan*>(plan_ptr);
-  if (!call_valid(plan, slot, parity, phases, T)) return MOE_STATUS_INVALID_ARGUMENT;
+MOE_ENTRY(moe_decode_combine) {
+  const Plan* pl = static_cast<const Plan*>(plan);
+  if (!call_valid(pl, slot, parity, phases, T)) return MOE_STATUS_INVALID_ARGUMENT;
   if (((phases & kPhaseSend) && y == nullptr) || ((phases & kPhaseRecv) && T > 0 && !out))
     return MOE_STATUS_INVALID_ARGUMENT;
-  Params p = make_params(*plan, slot, parity, phases, T);
+  Params p = make_params(*pl, slot, parity, phases, T);
   p.y = static_cast<const char*>(y);
   p.out = static_cast<char*>(out);
-  MOE_TRY(cudaSetDevice(plan->device));
+  MOE_TRY(cudaSetDevice(pl->device));
   const cudaStream_t st = static_cast<cudaStream_t>(stream);
-  switch (plan->dims.R) {
-    case 2: decode_combine_kernel<2><<<plan->grid, kThreads, 0, st>>>(p); break;
-    case 4: decode_combine_kernel<4><<<plan->grid, kThreads, 0, st>>>(p); break;
-    default: decode_combine_kernel<8><<<plan->grid, kThreads, 0, st>>>(p); break;
+  switch (pl->dims.R) {
+    case 2: decode_combine_kernel<2><<<pl->grid, kThreads, 0, st>>>(p); break;
+    case 4: decode_combine_kernel<4><<<pl->grid, kThreads, 0, st>>>(p); break;
+    default: decode_combine_kernel<8><<<pl->grid, kThreads, 0, st>>>(p); break;
   }
   MOE_TRY(cudaGetLastError());
   return 0;
 }
 
-}  // extern "C"

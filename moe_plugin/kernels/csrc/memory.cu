@@ -1,17 +1,14 @@
-// Host entry points for peer-mapped (symmetric) buffers over CUDA IPC, and status strings.
+// Host entry points for peer-mapped (symmetric) buffers over CUDA IPC.
 #include <string.h>
 
 #include "common.cuh"
 
-extern "C" {
-
 // The size of a cudaIpcMemHandle_t, so the host reserves exactly that.
-MOE_EXPORT long long moe_ipc_handle_size() { return (long long)sizeof(cudaIpcMemHandle_t); }
+MOE_ENTRY(moe_ipc_handle_size) { return (long long)sizeof(cudaIpcMemHandle_t); }
 
 // Allocate `nbytes` zeroed bytes on `device`; write the pointer to *ptr_out and its IPC
 // handle (moe_ipc_handle_size() bytes) to handle_out.
-MOE_EXPORT int moe_sym_alloc(long long device, long long nbytes, void** ptr_out,
-                             void* handle_out) {
+MOE_ENTRY(moe_sym_alloc) {
   if (nbytes <= 0 || ptr_out == nullptr || handle_out == nullptr)
     return MOE_STATUS_INVALID_ARGUMENT;
   MOE_TRY(cudaSetDevice((int)device));
@@ -31,7 +28,7 @@ MOE_EXPORT int moe_sym_alloc(long long device, long long nbytes, void** ptr_out,
 }
 
 // Map a peer's allocation from its IPC handle into this process (on `device`).
-MOE_EXPORT int moe_sym_open(long long device, const void* handle_in, void** ptr_out) {
+MOE_ENTRY(moe_sym_open) {
   if (handle_in == nullptr || ptr_out == nullptr) return MOE_STATUS_INVALID_ARGUMENT;
   MOE_TRY(cudaSetDevice((int)device));
   cudaIpcMemHandle_t handle;
@@ -41,28 +38,16 @@ MOE_EXPORT int moe_sym_open(long long device, const void* handle_in, void** ptr_
 }
 
 // Unmap a peer allocation opened by moe_sym_open.
-MOE_EXPORT int moe_sym_close(long long device, void* ptr) {
+MOE_ENTRY(moe_sym_close) {
   MOE_TRY(cudaSetDevice((int)device));
   MOE_TRY(cudaIpcCloseMemHandle(ptr));
   return 0;
 }
 
 // Free an allocation made by moe_sym_alloc.
-MOE_EXPORT int moe_sym_free(long long device, void* ptr) {
+MOE_ENTRY(moe_sym_free) {
   MOE_TRY(cudaSetDevice((int)device));
   MOE_TRY(cudaDeviceSynchronize());
   MOE_TRY(cudaFree(ptr));
   return 0;
 }
-
-// A readable message for a status returned by any exported function.
-MOE_EXPORT const char* moe_status_string(long long status) {
-  switch (status) {
-    case MOE_STATUS_INVALID_ARGUMENT:
-      return "invalid argument passed to a moe_plugin kernel entry point";
-    default:
-      return cudaGetErrorString((cudaError_t)status);
-  }
-}
-
-}  // extern "C"

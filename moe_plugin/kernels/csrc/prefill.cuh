@@ -17,8 +17,8 @@
 
 namespace prefill {
 
-constexpr int kLayoutWarps = 4;
-constexpr int kMaxExperts = 2048;  // bounds the exchange kernel's shared memory
+constexpr int kLayoutWarps = MOE_PREFILL_LAYOUT_WARPS;
+constexpr int kMaxExperts = MOE_PREFILL_MAX_EXPERTS;
 constexpr int kMaxBlockTokens = 128;
 constexpr int kMaxScaleWords = 4;  // scales per lane: at most 128 per token (H <= 16384)
 
@@ -39,8 +39,9 @@ struct Geometry {
   long long slot_bytes;
 };
 
-inline Geometry make_geometry(long long R, long long rank, long long E, long long K, long long H,
-                       long long elt, long long nscales, long long Bt, long long C) {
+inline Geometry make_geometry(long long R, long long rank, long long E, long long K,
+                              long long H, long long elt, long long nscales, long long Bt,
+                              long long C) {
   Geometry g{};
   g.R = (int)R;
   g.rank = (int)rank;
@@ -75,14 +76,37 @@ inline Geometry make_geometry(long long R, long long rank, long long E, long lon
 }
 
 inline bool geometry_ok(long long R, long long rank, long long E, long long K, long long H,
-                 long long elt, long long nscales, long long Bt, long long C) {
+                        long long elt, long long nscales, long long Bt, long long C) {
   return shape_ok(R, rank, E, K, H) && E <= kMaxExperts && (elt == 1 || elt == 2) &&
          (H * elt) % 16 == 0 && Bt >= 32 && Bt <= kMaxBlockTokens && Bt % 32 == 0 && C >= 1 &&
          nscales <= 32 * kMaxScaleWords;
 }
 
-// Per-rank values of one call, from the host table [base R][tokens R][map_off R]
-// [prod_base R][cons_base R] (int64), plus the CTA ranges of the kernel's roles.
+// One rank's prefill state (moe_prefill_plan_create): the geometry, every rank's symmetric
+// buffer, the grids, and each slot's ring positions, which the dispatch and combine entry
+// points advance past the chunks of each call they launch.
+struct Plan {
+  Geometry g;
+  char* base[kMaxRanks];  // every rank's buffer (slot 0's region) as mapped here
+  unsigned long long* dropped;
+  ErrorRecord* err;
+  long long timeout_ns;
+  int layout_ctas, dispatch_ctas, combine_ctas;
+  long long prod_base[2][kMaxRanks];  // chunks sent so far into the ring at rank d
+  long long cons_base[2][kMaxRanks];  // chunks taken so far from the ring of source s
+};
+
+__host__ __device__ inline int num_blocks(long long tokens, int Bt) {
+  return (int)((tokens + Bt - 1) / Bt);
+}
+
+// Tokens per warp of the layout kernel (whose warp counts the dispatch reads) for T tokens.
+inline int tokens_per_warp(const Plan& plan, long long T) {
+  const long long warps = (long long)plan.layout_ctas * kLayoutWarps;
+  return (int)std::max(1LL, (T + warps - 1) / warps);
+}
+
+// Per-rank values of one call on a slot, plus the CTA ranges of the kernel's roles.
 struct Peers {
   char* base[kMaxRanks];         // every rank's slot region as mapped here (own included)
   long long tokens[kMaxRanks];   // T of each source rank
@@ -93,16 +117,31 @@ struct Peers {
   int num_groups;
 };
 
-inline Peers load_peers(const long long* table, int R) {
+// The call's values on `slot`; `tokens` (host, T of each rank) may be null (all 0).
+inline Peers make_peers(const Plan& plan, int slot, const long long* tokens) {
   Peers p{};
-  for (int r = 0; r < R; ++r) {
-    p.base[r] = reinterpret_cast<char*>(table[r]);
-    p.tokens[r] = table[R + r];
-    p.map_off[r] = table[2 * R + r];
-    p.prod_base[r] = table[3 * R + r];
-    p.cons_base[r] = table[4 * R + r];
+  long long map_off = 0;
+  for (int r = 0; r < plan.g.R; ++r) {
+    p.base[r] = plan.base[r] + slot * plan.g.slot_bytes;
+    p.tokens[r] = tokens ? tokens[r] : 0;
+    p.map_off[r] = map_off;
+    map_off += p.tokens[r];
+    p.prod_base[r] = plan.prod_base[slot][r];
+    p.cons_base[r] = plan.cons_base[slot][r];
   }
   return p;
+}
+
+// Moves `slot`'s ring positions past one call's chunks: a dispatch sends blocks of this
+// rank's tokens to each peer and receives blocks of each peer's; a combine the reverse.
+inline void advance_rings(Plan& plan, int slot, const long long* tokens, bool dispatch) {
+  const int me = plan.g.rank;
+  for (int peer = 0; peer < plan.g.R; ++peer) {
+    if (peer == me) continue;
+    const long long sent = tokens[dispatch ? me : peer], received = tokens[dispatch ? peer : me];
+    plan.prod_base[slot][peer] += num_blocks(sent, plan.g.Bt);
+    plan.cons_base[slot][peer] += num_blocks(received, plan.g.Bt);
+  }
 }
 
 // Split `n` CTAs over groups: one each for every group of positive weight, the rest in
@@ -148,10 +187,6 @@ __device__ __forceinline__ char* chunk_at(char* dst_base, const Geometry& g, int
   return dst_base + g.off_ring + ((long long)ring * g.C + cid % g.C) * g.chunk_bytes;
 }
 
-__device__ __forceinline__ int num_blocks(long long tokens, int Bt) {
-  return (int)((tokens + Bt - 1) / Bt);
-}
-
 // Which role this CTA plays: returns the group, and its index and count within it.
 __device__ __forceinline__ int my_group(const Peers& p, int& index, int& count) {
   int g = 0;
@@ -174,15 +209,19 @@ __device__ inline int block_rank(bool flag, int* warp_tot, int& total) {
   return flag ? scan.x + __popc(b & lanes_below(lane)) : -1;
 }
 
-inline WaitSite make_site(void* err, double timeout_s, int rank, int phase, long long slot) {
+inline WaitSite make_site(const Plan& plan, int phase, long long slot) {
   WaitSite site;
-  site.err = static_cast<ErrorRecord*>(err);
-  site.timeout_ns = (long long)(timeout_s * 1e9);
-  site.rank = rank;
+  site.err = plan.err;
+  site.timeout_ns = plan.timeout_ns;
+  site.rank = plan.g.rank;
   site.phase = phase;
   site.slot = (int)slot;
   return site;
 }
 
+// A plan handle and a slot a call may use.
+inline bool call_ok(const void* plan, long long slot) {
+  return plan != nullptr && slot >= 0 && slot < 2;
+}
 
 }  // namespace prefill

@@ -189,32 +189,27 @@ __global__ void __launch_bounds__(kThreads, 1) combine_kernel(const __grid_const
 
 }  // namespace
 
-extern "C" {
-
-// The combine kernel on `ctas` blocks (at least R).
-MOE_EXPORT int moe_prefill_combine(long long R, long long rank, long long E, long long K,
-                                   long long H, long long elt, long long nscales,
-                                   long long Bt, long long C, void* peer_table,
-                                   long long ctas, void* y, void* map, void* dest_mask,
-                                   void* out, void* err, double timeout_s, long long slot,
-                                   void* stream) {
-  if (!geometry_ok(R, rank, E, K, H, elt, nscales, Bt, C) || ctas < R) return MOE_STATUS_INVALID_ARGUMENT;
+// The combine kernel of the latest dispatch on `slot`, whose `tokens` (host, T of each rank)
+// it takes. Advances the slot's ring positions.
+MOE_ENTRY(moe_prefill_combine) {
+  if (!call_ok(plan, slot) || tokens == nullptr) return MOE_STATUS_INVALID_ARGUMENT;
+  Plan& pl = *static_cast<Plan*>(plan);
+  const int R = pl.g.R, rank = pl.g.rank;
   CombineArgs a{};
-  a.g = make_geometry(R, rank, E, K, H, elt, nscales, Bt, C);
-  a.peers = load_peers(static_cast<const long long*>(peer_table), (int)R);
+  a.g = pl.g;
+  a.peers = make_peers(pl, (int)slot, tokens);
   // The source side reads R rows per token, the expert side about K / R per row sent.
   int weight[kMaxRanks + 1] = {0};
   for (int r = 0; r < R; ++r) weight[r] = r == rank ? 0 : 3;
-  weight[R] = 2 * (int)R;
-  assign_groups(a.peers, (int)ctas, weight, (int)R + 1);
+  weight[R] = 2 * R;
+  assign_groups(a.peers, pl.combine_ctas, weight, R + 1);
   a.y = static_cast<const __nv_bfloat16*>(y);
   a.map = static_cast<const int*>(map);
   a.dest_mask = static_cast<const unsigned*>(dest_mask);
   a.out = static_cast<__nv_bfloat16*>(out);
-  a.site = make_site(err, timeout_s, (int)rank, MOE_PHASE_PREFILL_COMBINE, slot);
-  combine_kernel<<<(unsigned)ctas, kThreads, 0, (cudaStream_t)stream>>>(a);
+  a.site = make_site(pl, MOE_PHASE_PREFILL_COMBINE, slot);
+  combine_kernel<<<(unsigned)pl.combine_ctas, kThreads, 0, (cudaStream_t)stream>>>(a);
   MOE_TRY(cudaGetLastError());
+  advance_rings(pl, (int)slot, tokens, false);
   return 0;
 }
-
-}  // extern "C"

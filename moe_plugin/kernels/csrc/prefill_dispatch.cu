@@ -232,48 +232,39 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(const __grid_cons
 
 }  // namespace
 
-extern "C" {
-
-// The dispatch data kernel on `ctas` blocks (at least 2R - 1).
-MOE_EXPORT int moe_prefill_dispatch(long long R, long long rank, long long E, long long K,
-                                    long long H, long long elt, long long nscales,
-                                    long long Bt, long long C, void* peer_table,
-                                    long long ctas, void* x, void* x_scales, void* weights,
-                                    void* clean, void* pos, void* warp_base, void* dst_off,
-                                    void* dest_mask, long long tokens_per_warp, void* recv_x,
-                                    void* recv_scales, void* recv_idx, void* recv_w,
-                                    void* map, void* err, double timeout_s, long long slot,
-                                    void* stream) {
-  if (!geometry_ok(R, rank, E, K, H, elt, nscales, Bt, C) || ctas < 2 * R - 1 || tokens_per_warp < 1)
-    return MOE_STATUS_INVALID_ARGUMENT;
+// The dispatch data kernel of the exchange's call on `slot`: `tokens` (host) holds T of each
+// rank as the exchange reported it. Advances the slot's ring positions.
+MOE_ENTRY(moe_prefill_dispatch) {
+  if (!call_ok(plan, slot) || tokens == nullptr) return MOE_STATUS_INVALID_ARGUMENT;
+  Plan& pl = *static_cast<Plan*>(plan);
+  const int R = pl.g.R, rank = pl.g.rank;
   DispatchArgs a{};
-  a.g = make_geometry(R, rank, E, K, H, elt, nscales, Bt, C);
-  a.peers = load_peers(static_cast<const long long*>(peer_table), (int)R);
+  a.g = pl.g;
+  a.peers = make_peers(pl, (int)slot, tokens);
   // Remote sends carry one row per token, receives and own sends one per choice.
   int weight[2 * kMaxRanks] = {0};
   for (int r = 0; r < R; ++r) {
     weight[r] = r == rank ? 3 : 2;
     weight[R + r] = r == rank ? 0 : 3;
   }
-  assign_groups(a.peers, (int)ctas, weight, 2 * (int)R);
+  assign_groups(a.peers, pl.dispatch_ctas, weight, 2 * R);
   a.x = static_cast<const char*>(x);
   a.x_scales = static_cast<const float*>(x_scales);
   a.weights = static_cast<const float*>(weights);
   a.clean = static_cast<const int*>(clean);
   a.pos = static_cast<const int*>(pos);
-  a.warp_base = static_cast<const int*>(warp_base);
+  a.warp_base = static_cast<const int*>(warp_counts);
   a.dst_off = static_cast<const int*>(dst_off);
   a.dest_mask = static_cast<const unsigned*>(dest_mask);
-  a.tokens_per_warp = (int)tokens_per_warp;
+  a.tokens_per_warp = tokens_per_warp(pl, tokens[rank]);
   a.recv_x = static_cast<char*>(recv_x);
   a.recv_scales = static_cast<float*>(recv_scales);
   a.recv_idx = static_cast<long long*>(recv_idx);
   a.recv_w = static_cast<float*>(recv_w);
   a.map = static_cast<int*>(map);
-  a.site = make_site(err, timeout_s, (int)rank, MOE_PHASE_PREFILL_DISPATCH, slot);
-  dispatch_kernel<<<(unsigned)ctas, kThreads, 0, (cudaStream_t)stream>>>(a);
+  a.site = make_site(pl, MOE_PHASE_PREFILL_DISPATCH, slot);
+  dispatch_kernel<<<(unsigned)pl.dispatch_ctas, kThreads, 0, (cudaStream_t)stream>>>(a);
   MOE_TRY(cudaGetLastError());
+  advance_rings(pl, (int)slot, tokens, true);
   return 0;
 }
-
-}  // extern "C"

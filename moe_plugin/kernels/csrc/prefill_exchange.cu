@@ -9,8 +9,12 @@ namespace {
 constexpr int kExchangeThreads = 1024;
 
 // Host-visible results of the exchange (int64 words of the mapped pinned array).
-enum HostWord { kStamp = 0, kStatus = 1, kRows = 2, kHead = 3 };  // then recv_counts[R],
-                                                                  // tokens[R], segments[L]
+enum HostWord {
+  kStamp = MOE_PREFILL_HOST_STAMP,
+  kStatus = MOE_PREFILL_HOST_STATUS,
+  kRows = MOE_PREFILL_HOST_ROWS,
+  kHead = MOE_PREFILL_HOST_HEAD,  // then recv_counts[R], tokens[R], segments[L]
+};
 
 struct ExchangeArgs {
   Geometry g;
@@ -117,26 +121,18 @@ __global__ void __launch_bounds__(kExchangeThreads) exchange_kernel(const __grid
 
 }  // namespace
 
-extern "C" {
-
-// Count exchange of call `seq` on `slot`; `peer_table` is the host int64 table of load_peers
-// (only the region bases are read). Writes dst_off, recv_counts, segments on the device and
-// the results to the mapped host array `host`, stamping it with seq last.
-MOE_EXPORT int moe_prefill_exchange(long long R, long long rank, long long E, long long K,
-                                    long long H, long long elt, long long nscales,
-                                    long long Bt, long long C, void* peer_table,
-                                    void* warp_counts, long long warps, long long T,
-                                    long long alignment, long long seq, void* dst_off,
-                                    void* recv_counts, void* segments, void* host, void* err,
-                                    double timeout_s, long long slot, void* stream) {
-  if (!geometry_ok(R, rank, E, K, H, elt, nscales, Bt, C) || alignment < 1 || warps < 1)
-    return MOE_STATUS_INVALID_ARGUMENT;
+// Count exchange of call `seq` on `slot` (T tokens here, segments aligned to `alignment`
+// rows). Writes dst_off, recv_counts, segments on the device and the results to the mapped
+// host array `host` (words MOE_PREFILL_HOST_*), stamping it with seq last.
+MOE_ENTRY(moe_prefill_exchange) {
+  if (!call_ok(plan, slot) || T < 0 || alignment < 1) return MOE_STATUS_INVALID_ARGUMENT;
+  const Plan& pl = *static_cast<const Plan*>(plan);
   ExchangeArgs a{};
-  a.g = make_geometry(R, rank, E, K, H, elt, nscales, Bt, C);
-  const Peers p = load_peers(static_cast<const long long*>(peer_table), (int)R);
-  for (int r = 0; r < R; ++r) a.base[r] = p.base[r];
+  a.g = pl.g;
+  const Peers p = make_peers(pl, (int)slot, nullptr);
+  for (int r = 0; r < pl.g.R; ++r) a.base[r] = p.base[r];
   a.warp_counts = static_cast<int*>(warp_counts);
-  a.warps = (int)warps;
+  a.warps = pl.layout_ctas * kLayoutWarps;
   a.T = (int)T;
   a.alignment = (int)alignment;
   a.seq = seq;
@@ -146,10 +142,8 @@ MOE_EXPORT int moe_prefill_exchange(long long R, long long rank, long long E, lo
   void* host_dev = nullptr;
   MOE_TRY(cudaHostGetDevicePointer(&host_dev, host, 0));
   a.host = static_cast<long long*>(host_dev);
-  a.site = make_site(err, timeout_s, (int)rank, MOE_PHASE_PREFILL_LAYOUT, slot);
+  a.site = make_site(pl, MOE_PHASE_PREFILL_LAYOUT, slot);
   exchange_kernel<<<1, kExchangeThreads, 0, (cudaStream_t)stream>>>(a);
   MOE_TRY(cudaGetLastError());
   return 0;
 }
-
-}  // extern "C"

@@ -64,23 +64,16 @@ __global__ void __launch_bounds__(kLayoutWarps * 32)
 
 }  // namespace
 
-extern "C" {
-
-// Layout of this rank's T tokens (see layout_kernel); `ctas` blocks of kLayoutWarps warps.
-MOE_EXPORT int moe_prefill_layout(void* topk_idx, long long T, long long K, long long E,
-                                  long long L, long long ctas, long long tokens_per_warp,
-                                  void* clean, void* pos, void* dest_mask, void* warp_counts,
-                                  void* dropped, void* stream) {
-  if (ctas < 1 || E > kMaxExperts || tokens_per_warp < 1 || L < 1)
-    return MOE_STATUS_INVALID_ARGUMENT;
-  const size_t smem = (size_t)kLayoutWarps * E * sizeof(int);
-  layout_kernel<<<(unsigned)ctas, kLayoutWarps * 32, smem, (cudaStream_t)stream>>>(
-      static_cast<const long long*>(topk_idx), (int)T, (int)K, (int)E, (int)L,
-      (int)tokens_per_warp, static_cast<int*>(clean), static_cast<int*>(pos),
-      static_cast<unsigned*>(dest_mask), static_cast<int*>(warp_counts),
-      static_cast<unsigned long long*>(dropped));
+// Layout of this rank's T tokens (see layout_kernel) on the plan's layout blocks.
+MOE_ENTRY(moe_prefill_layout) {
+  if (plan == nullptr || T < 0) return MOE_STATUS_INVALID_ARGUMENT;
+  const Plan& pl = *static_cast<const Plan*>(plan);
+  const Geometry& g = pl.g;
+  const size_t smem = (size_t)kLayoutWarps * g.E * sizeof(int);
+  layout_kernel<<<(unsigned)pl.layout_ctas, kLayoutWarps * 32, smem, (cudaStream_t)stream>>>(
+      static_cast<const long long*>(topk_idx), (int)T, g.K, g.E, g.L, tokens_per_warp(pl, T),
+      static_cast<int*>(clean), static_cast<int*>(pos), static_cast<unsigned*>(dest_mask),
+      static_cast<int*>(warp_counts), pl.dropped);
   MOE_TRY(cudaGetLastError());
   return 0;
 }
-
-}  // extern "C"

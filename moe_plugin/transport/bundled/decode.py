@@ -34,8 +34,6 @@ from moe_plugin.transport.bundled.symmetric import SymmetricBuffer
 if TYPE_CHECKING:
     from moe_plugin.transport.bundled import BundledTransport
 
-PHASE_SEND = 1
-PHASE_RECV = 2
 NUM_PARITIES = 2
 
 
@@ -69,67 +67,70 @@ class DecodePath:
         spec = transport.spec
         world = transport.world_size
         rows = world * spec.max_tokens_per_rank
-        offsets = {
+        layouts = {
             (s, p): self._layout(s, p) for s in range(NUM_SLOTS) for p in range(NUM_PARITIES)
         }
-        sym_bytes, local_bytes = offsets[0, 0][:2]
-        self.buffer = SymmetricBuffer(sym_bytes, transport.group, transport.device)
-        self.local_state = torch.zeros(local_bytes, dtype=torch.uint8, device=transport.device)
+        self.buffer = SymmetricBuffer(layouts[0, 0].sym_bytes, transport.group, transport.device)
+        self.local_state = torch.zeros(
+            layouts[0, 0].local_bytes, dtype=torch.uint8, device=transport.device
+        )
         plan = ctypes.c_void_p()
-        peers = (ctypes.c_longlong * world)(*self.buffer.peer_addresses)
         binding.call(
             "moe_decode_plan_create",
-            ctypes.byref(plan),
-            transport.device.index,
-            world,
-            transport.rank,
-            spec.max_tokens_per_rank,
-            spec.hidden,
-            spec.num_topk,
-            spec.num_experts,
-            int(spec.is_fp8),
-            peers,
-            self.local_state,
-            transport.dropped_ids,
-            transport.errors.tensor,
-            transport.timeout_ns,
-            max(transport.decode_sms, world),
+            plan_out=ctypes.byref(plan),
+            device=transport.device.index,
+            R=world,
+            rank=transport.rank,
+            Tmax=spec.max_tokens_per_rank,
+            H=spec.hidden,
+            K=spec.num_topk,
+            E=spec.num_experts,
+            fp8=int(spec.is_fp8),
+            peers=(ctypes.c_longlong * world)(*self.buffer.peer_addresses),
+            local_state=self.local_state,
+            dropped=transport.dropped_ids,
+            err=transport.errors.tensor,
+            timeout_ns=transport.timeout_ns,
+            grid=max(transport.decode_sms, world),
         )
         self._plan: ctypes.c_void_p | None = plan
+        self._send = binding.constant("decode_phase_send")
+        self._recv = binding.constant("decode_phase_recv")
         self._views: dict[tuple[int, int], _Views] = {}
-        for (s, p), off in offsets.items():
-            _, _, x_off, scales_off, idx_off, w_off, counts_off, _ = off
+        for (s, p), lay in layouts.items():
             buf = self.buffer
+            counts = self.local_state[lay.recv_counts : lay.recv_counts + 4 * world]
             self._views[s, p] = _Views(
-                recv_x=buf.view(x_off, (rows, spec.hidden), spec.dtype),
+                recv_x=buf.view(lay.recv_x, (rows, spec.hidden), spec.dtype),
                 recv_scales=(
-                    buf.view(scales_off, (rows, spec.num_scales), torch.float32)
+                    buf.view(lay.recv_scales, (rows, spec.num_scales), torch.float32)
                     if spec.is_fp8
                     else None
                 ),
-                recv_topk_idx=buf.view(idx_off, (rows, spec.num_topk), torch.int64),
-                recv_topk_weights=buf.view(w_off, (rows, spec.num_topk), torch.float32),
-                recv_counts=self.local_state[counts_off : counts_off + 4 * world].view(torch.int32),
+                recv_topk_idx=buf.view(lay.recv_idx, (rows, spec.num_topk), torch.int64),
+                recv_topk_weights=buf.view(lay.recv_w, (rows, spec.num_topk), torch.float32),
+                recv_counts=counts.view(torch.int32),
             )
         self._next_parity = [0] * NUM_SLOTS
         self._calls = [0] * NUM_SLOTS
 
-    def _layout(self, slot: int, parity: int) -> list[int]:
+    def _layout(self, slot: int, parity: int) -> ctypes.Structure:
+        """The kernels' DecodeLayout of (slot, parity): buffer sizes and region offsets."""
         spec = self.transport.spec
-        out = (ctypes.c_longlong * 8)()
+        layout = binding.struct("decode_layout")()
         binding.call(
             "moe_decode_layout",
-            self.transport.world_size,
-            spec.max_tokens_per_rank,
-            spec.hidden,
-            spec.num_topk,
-            spec.num_experts,
-            int(spec.is_fp8),
-            slot,
-            parity,
-            out,
+            R=self.transport.world_size,
+            Tmax=spec.max_tokens_per_rank,
+            H=spec.hidden,
+            K=spec.num_topk,
+            E=spec.num_experts,
+            fp8=int(spec.is_fp8),
+            slot=slot,
+            parity=parity,
+            out=ctypes.byref(layout),
         )
-        return list(out)
+        return layout
 
     def dispatch(
         self,
@@ -168,25 +169,25 @@ class DecodePath:
         def launch(phases: int) -> None:
             binding.call(
                 "moe_decode_dispatch",
-                plan,
-                binding.stream(self.transport.device),
-                x,
-                x_scales,
-                topk_idx,
-                topk_weights,
-                tokens,
-                slot,
-                parity,
-                phases,
+                plan=plan,
+                stream=binding.stream(self.transport.device),
+                x=x,
+                x_scales=x_scales,
+                topk_idx=topk_idx,
+                topk_w=topk_weights,
+                T=tokens,
+                slot=slot,
+                parity=parity,
+                phases=phases,
             )
 
         if not return_recv_hook:
-            launch(PHASE_SEND | PHASE_RECV)
+            launch(self._send | self._recv)
             return result
-        launch(PHASE_SEND)
+        launch(self._send)
 
         def receive() -> DispatchResult:
-            launch(PHASE_RECV)
+            launch(self._recv)
             return result
 
         return receive
@@ -214,23 +215,23 @@ class DecodePath:
         def launch(phases: int) -> None:
             binding.call(
                 "moe_decode_combine",
-                plan,
-                binding.stream(self.transport.device),
-                y,
-                out,
-                tokens,
-                slot,
-                state.parity,
-                phases,
+                plan=plan,
+                stream=binding.stream(self.transport.device),
+                y=y,
+                out=out,
+                T=tokens,
+                slot=slot,
+                parity=state.parity,
+                phases=phases,
             )
 
         if not return_recv_hook:
-            launch(PHASE_SEND | PHASE_RECV)
+            launch(self._send | self._recv)
             return out
-        launch(PHASE_SEND)
+        launch(self._send)
 
         def receive() -> torch.Tensor:
-            launch(PHASE_RECV)
+            launch(self._recv)
             return out
 
         return receive
@@ -239,7 +240,7 @@ class DecodePath:
         """Collective: free the plan and the peer-mapped buffers. Safe to call twice."""
         if self._plan is None:
             return
-        binding.call("moe_decode_plan_destroy", self._plan)
+        binding.call("moe_decode_plan_destroy", plan=self._plan)
         self._plan = None
         self._views = {}
         self.buffer.destroy()

@@ -1,4 +1,4 @@
-"""The bundled transport's prefill path: expanded dispatch / combine (csrc/prefill.cu).
+"""The bundled transport's prefill path: expanded dispatch / combine (csrc/prefill_*.cu).
 
 One dispatch is three kernels and one host read:
 
@@ -79,9 +79,7 @@ BLOCK_TOKENS = 128
 """Source tokens per ring chunk."""
 RING_DEPTH = 12
 """Chunks in flight per (source, destination) pair and slot."""
-LAYOUT_WARPS_PER_CTA = 4  # kLayoutWarps in prefill.cu
 LAYOUT_MAX_CTAS = 32
-HOST_HEAD = 3  # words before the per-rank results (stamp, status, rows); kHead in prefill.cu
 
 
 @dataclasses.dataclass
@@ -98,7 +96,7 @@ class _HostResults:
 
     def __init__(self, words: int) -> None:
         address = ctypes.c_void_p()
-        binding.call("moe_prefill_host_alloc", words * 8, ctypes.byref(address))
+        binding.call("moe_prefill_host_alloc", nbytes=words * 8, host_out=ctypes.byref(address))
         self.address = ctypes.c_void_p(address.value)
         self.words = np.ctypeslib.as_array(
             (ctypes.c_longlong * words).from_address(int(address.value or 0))
@@ -108,9 +106,10 @@ class _HostResults:
         """A copy of the words once the exchange of call `seq` stamped them; TimeoutError
         after `timeout_s` (the stream never reached the exchange)."""
         words = self.words
+        stamp = binding.constant("prefill_host_stamp")
         start = time.monotonic()
         spins = 0
-        while int(words[0]) != seq:
+        while int(words[stamp]) != seq:
             spins += 1
             if spins % 1024 == 0:
                 waited = time.monotonic() - start
@@ -122,12 +121,12 @@ class _HostResults:
 
     def free(self) -> None:
         if self.address.value:
-            binding.call("moe_prefill_host_free", self.address)
+            binding.call("moe_prefill_host_free", host=self.address)
             self.address = ctypes.c_void_p(None)
 
 
 class _Slot:
-    """Per-slot state: call number, ring positions, layout scratch, host results."""
+    """Per-slot state: call number, layout scratch, host results."""
 
     def __init__(self, path: PrefillPath) -> None:
         spec, device = path.transport.spec, path.transport.device
@@ -135,8 +134,6 @@ class _Slot:
         pairs = spec.max_tokens_per_rank * spec.num_topk
         self.seq = 0
         self.combined_seq = 0
-        self.prod_base = [0] * world  # chunks sent into the ring at each peer
-        self.cons_base = [0] * world  # chunks taken from the ring of each peer
         self.clean = torch.empty(pairs, dtype=torch.int32, device=device)
         self.pos = torch.empty(pairs, dtype=torch.int32, device=device)
         self.dest_mask = torch.empty(spec.max_tokens_per_rank, dtype=torch.int32, device=device)
@@ -144,7 +141,8 @@ class _Slot:
             path.layout_warps * spec.num_experts, dtype=torch.int32, device=device
         )
         self.dst_off = torch.empty(spec.num_experts, dtype=torch.int32, device=device)
-        self.host = _HostResults(HOST_HEAD + 2 * world + path.transport.num_local_experts)
+        head = binding.constant("prefill_host_head")
+        self.host = _HostResults(head + 2 * world + path.transport.num_local_experts)
         self.stream: torch.cuda.Stream | None = None
 
     def comm_stream(self, device: torch.device) -> torch.cuda.Stream:
@@ -162,33 +160,44 @@ class PrefillPath:
         self.transport = transport
         spec = transport.spec
         world = transport.world_size
-        max_experts = int(_query("moe_prefill_max_experts"))
+        max_experts = binding.constant("prefill_max_experts")
         if spec.num_experts > max_experts:
             raise ValueError(
                 f"the bundled prefill kernels take at most {max_experts} experts, "
                 f"got num_experts={spec.num_experts}"
             )
-        self._geometry = (
-            world,
-            transport.rank,
-            spec.num_experts,
-            spec.num_topk,
-            spec.hidden,
-            spec.dtype.itemsize,
-            spec.num_scales,
-            BLOCK_TOKENS,
-            RING_DEPTH,
+        shape = dict(
+            R=world,
+            E=spec.num_experts,
+            K=spec.num_topk,
+            H=spec.hidden,
+            elt=spec.dtype.itemsize,
+            nscales=spec.num_scales,
+            block_tokens=BLOCK_TOKENS,
+            ring_depth=RING_DEPTH,
         )
-        slot_bytes = int(_query("moe_prefill_slot_bytes", world, *self._geometry[2:]))
+        slot_bytes = binding.call("moe_prefill_slot_bytes", **shape)
         if slot_bytes <= 0:
             raise ValueError(f"the bundled prefill kernels do not support {spec} on {world} ranks")
-        self._slot_bytes = slot_bytes
         sm_count = torch.cuda.get_device_properties(transport.device).multi_processor_count
-        self.layout_ctas = min(LAYOUT_MAX_CTAS, transport.num_sms)
-        self.layout_warps = self.layout_ctas * LAYOUT_WARPS_PER_CTA
-        self.dispatch_ctas = min(sm_count, max(transport.num_sms, 2 * world - 1))
-        self.combine_ctas = min(sm_count, max(transport.num_sms, world))
+        layout_ctas = min(LAYOUT_MAX_CTAS, transport.num_sms)
+        self.layout_warps = layout_ctas * binding.constant("prefill_layout_warps")
         self.buffer = SymmetricBuffer(NUM_SLOTS * slot_bytes, transport.group, transport.device)
+        plan = ctypes.c_void_p()
+        binding.call(
+            "moe_prefill_plan_create",
+            plan_out=ctypes.byref(plan),
+            rank=transport.rank,
+            **shape,
+            peers=(ctypes.c_longlong * world)(*self.buffer.peer_addresses),
+            dropped=transport.dropped_ids,
+            err=transport.errors.tensor,
+            timeout_ns=transport.timeout_ns,
+            layout_ctas=layout_ctas,
+            dispatch_ctas=min(sm_count, max(transport.num_sms, 2 * world - 1)),
+            combine_ctas=min(sm_count, max(transport.num_sms, world)),
+        )
+        self._plan: ctypes.c_void_p | None = plan
         self._slots = [_Slot(self) for _ in range(NUM_SLOTS)]
 
     # ------------------------------------------------------------------ dispatch
@@ -226,59 +235,51 @@ class PrefillPath:
     ) -> DispatchResult:
         tr, spec = self.transport, self.transport.spec
         world, num_local = tr.world_size, tr.num_local_experts
+        plan = self._live_plan()
         st = self._slots[slot]
         st.seq += 1
         tokens = x.shape[0]
         stream = binding.stream(tr.device)
-        tokens_per_warp = max(1, -(-tokens // self.layout_warps))
         binding.call(
             "moe_prefill_layout",
-            topk_idx,
-            tokens,
-            spec.num_topk,
-            spec.num_experts,
-            num_local,
-            self.layout_ctas,
-            tokens_per_warp,
-            st.clean,
-            st.pos,
-            st.dest_mask,
-            st.warp_counts,
-            tr.dropped_ids,
-            stream,
+            plan=plan,
+            stream=stream,
+            topk_idx=topk_idx,
+            T=tokens,
+            clean=st.clean,
+            pos=st.pos,
+            dest_mask=st.dest_mask,
+            warp_counts=st.warp_counts,
         )
         recv_counts = torch.empty(world, dtype=torch.int32, device=tr.device)
         segments = torch.empty(num_local, dtype=torch.int32, device=tr.device)
         binding.call(
             "moe_prefill_exchange",
-            *self._geometry,
-            self._peer_table(slot, [0] * world, st),
-            st.warp_counts,
-            self.layout_warps,
-            tokens,
-            alignment,
-            st.seq,
-            st.dst_off,
-            recv_counts,
-            segments,
-            st.host.address,
-            tr.errors.tensor,
-            tr.timeout_s,
-            slot,
-            stream,
+            plan=plan,
+            stream=stream,
+            slot=slot,
+            seq=st.seq,
+            T=tokens,
+            alignment=alignment,
+            warp_counts=st.warp_counts,
+            dst_off=st.dst_off,
+            recv_counts=recv_counts,
+            segments=segments,
+            host=st.host.address,
         )
         words = st.host.wait(
             st.seq,
             2 * tr.timeout_s + 5.0,
             f"rank {tr.rank}: prefill dispatch (slot {slot}, call {st.seq})",
         )
-        if words[1] != 0:
+        if words[binding.constant("prefill_host_status")] != 0:
             raise RuntimeError(
                 tr.errors.message(tr.timeout_s) or f"rank {tr.rank}: prefill count exchange failed"
             )
-        rows = int(words[2])
-        tokens_per_rank = [int(v) for v in words[HOST_HEAD + world : HOST_HEAD + 2 * world]]
-        per_expert = [int(v) for v in words[HOST_HEAD + 2 * world :]]
+        rows = int(words[binding.constant("prefill_host_rows")])
+        head = binding.constant("prefill_host_head")
+        tokens_per_rank = [int(v) for v in words[head + world : head + 2 * world]]
+        per_expert = [int(v) for v in words[head + 2 * world :]]
 
         recv_x = torch.empty(rows, spec.hidden, dtype=spec.dtype, device=tr.device)
         recv_scales = (
@@ -293,29 +294,24 @@ class PrefillPath:
         )
         binding.call(
             "moe_prefill_dispatch",
-            *self._geometry,
-            self._peer_table(slot, tokens_per_rank, st),
-            self.dispatch_ctas,
-            x,
-            x_scales,
-            topk_weights,
-            st.clean,
-            st.pos,
-            st.warp_counts,
-            st.dst_off,
-            st.dest_mask,
-            tokens_per_warp,
-            recv_x,
-            recv_scales,
-            recv_idx,
-            recv_w,
-            recv_map,
-            tr.errors.tensor,
-            tr.timeout_s,
-            slot,
-            stream,
+            plan=plan,
+            stream=stream,
+            slot=slot,
+            tokens=(ctypes.c_longlong * world)(*tokens_per_rank),
+            x=x,
+            x_scales=x_scales,
+            weights=topk_weights,
+            clean=st.clean,
+            pos=st.pos,
+            warp_counts=st.warp_counts,
+            dst_off=st.dst_off,
+            dest_mask=st.dest_mask,
+            recv_x=recv_x,
+            recv_scales=recv_scales,
+            recv_idx=recv_idx,
+            recv_w=recv_w,
+            map=recv_map,
         )
-        self._advance(st, tokens_per_rank, dispatch=True)
         handle = DispatchHandle(
             expand=True,
             slot=slot,
@@ -367,19 +363,15 @@ class PrefillPath:
         out = torch.empty(handle.num_tokens, tr.spec.hidden, dtype=torch.bfloat16, device=tr.device)
         binding.call(
             "moe_prefill_combine",
-            *self._geometry,
-            self._peer_table(slot, state.tokens, st),
-            self.combine_ctas,
-            y,
-            state.recv_map,
-            st.dest_mask,
-            out,
-            tr.errors.tensor,
-            tr.timeout_s,
-            slot,
-            binding.stream(tr.device),
+            plan=self._live_plan(),
+            stream=binding.stream(tr.device),
+            slot=slot,
+            tokens=(ctypes.c_longlong * tr.world_size)(*state.tokens),
+            y=y,
+            map=state.recv_map,
+            dest_mask=st.dest_mask,
+            out=out,
         )
-        self._advance(st, state.tokens, dispatch=False)
         return out
 
     # ----------------------------------------------------------------- plumbing
@@ -407,42 +399,21 @@ class PrefillPath:
 
         return receive
 
-    def _peer_table(self, slot: int, tokens: list[int], st: _Slot) -> Any:
-        """The int64 host table of csrc/prefill.cu's load_peers."""
-        world = self.transport.world_size
-        bases = [a + slot * self._slot_bytes for a in self.buffer.peer_addresses]
-        map_off = [sum(tokens[:s]) for s in range(world)]
-        values = bases + list(tokens) + map_off + st.prod_base + st.cons_base
-        return (ctypes.c_longlong * len(values))(*values)
-
-    def _advance(self, st: _Slot, tokens: list[int], *, dispatch: bool) -> None:
-        """Move the ring positions past one call's chunks: a dispatch sends blocks of this
-        rank's tokens to each peer and receives blocks of each peer's tokens; a combine
-        sends blocks of each peer's tokens back and receives blocks of this rank's."""
-        me = self.transport.rank
-        for peer in range(self.transport.world_size):
-            if peer == me:
-                continue
-            sender, receiver = (me, peer) if dispatch else (peer, me)
-            st.prod_base[peer] += _blocks(tokens[sender])
-            st.cons_base[peer] += _blocks(tokens[receiver])
+    def _live_plan(self) -> ctypes.c_void_p:
+        if self._plan is None:
+            raise RuntimeError("the transport was destroyed")
+        return self._plan
 
     def destroy(self) -> None:
-        """Collective: unmap and free the ring buffers and the pinned host words."""
+        """Collective: free the plan, unmap and free the ring buffers and the pinned host
+        words. Safe to call twice."""
+        if self._plan is None:
+            return
+        binding.call("moe_prefill_plan_destroy", plan=self._plan)
+        self._plan = None
         self.buffer.destroy()
         for st in self._slots:
             st.host.free()
-
-
-def _blocks(tokens: int) -> int:
-    return -(-tokens // BLOCK_TOKENS)
-
-
-def _query(name: str, *args: int) -> int:
-    fn = getattr(binding.library(), name)
-    fn.restype = ctypes.c_longlong
-    fn.argtypes = [ctypes.c_longlong] * len(args)
-    return int(fn(*args))
 
 
 def _check_aligned(name: str, t: torch.Tensor | None, alignment: int) -> None:

@@ -44,10 +44,16 @@ class SymmetricBuffer:
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
         index = self.device.index
-        handle_size = _handle_size()
+        handle_size = binding.call("moe_ipc_handle_size")
         handle = ctypes.create_string_buffer(handle_size)
         local = ctypes.c_void_p()
-        binding.call("moe_sym_alloc", index, self.nbytes, ctypes.byref(local), handle)
+        binding.call(
+            "moe_sym_alloc",
+            device=index,
+            nbytes=self.nbytes,
+            ptr_out=ctypes.byref(local),
+            handle_out=handle,
+        )
         self._local_address = int(local.value or 0)
         self._opened: list[int] = []
         self._alive = True
@@ -62,15 +68,15 @@ class SymmetricBuffer:
                 peer = ctypes.c_void_p()
                 binding.call(
                     "moe_sym_open",
-                    index,
-                    ctypes.create_string_buffer(h, handle_size),
-                    ctypes.byref(peer),
+                    device=index,
+                    handle_in=ctypes.create_string_buffer(h, handle_size),
+                    ptr_out=ctypes.byref(peer),
                 )
                 self._opened.append(int(peer.value or 0))
                 addresses.append(int(peer.value or 0))
         except RuntimeError as e:
             self._release()
-            binding.call("moe_sym_free", index, ctypes.c_void_p(self._local_address))
+            binding.call("moe_sym_free", device=index, ptr=self._local_address)
             raise RuntimeError(
                 f"rank {self.rank}: could not map a peer's buffer over CUDA "
                 f"IPC (are all ranks on one host with peer access?): {e}"
@@ -107,17 +113,11 @@ class SymmetricBuffer:
         self._release()
         # Owners free only after every peer has unmapped.
         dist.barrier(group=self.group)
-        binding.call("moe_sym_free", self.device.index, ctypes.c_void_p(self._local_address))
+        binding.call("moe_sym_free", device=self.device.index, ptr=self._local_address)
 
     def _release(self) -> None:
         self._alive = False
         self.local = torch.empty(0, dtype=torch.uint8)
         for address in self._opened:
-            binding.call("moe_sym_close", self.device.index, ctypes.c_void_p(address))
+            binding.call("moe_sym_close", device=self.device.index, ptr=address)
         self._opened = []
-
-
-def _handle_size() -> int:
-    fn = binding.library().moe_ipc_handle_size
-    fn.restype = ctypes.c_longlong
-    return int(fn())

@@ -1,10 +1,12 @@
 """Build the bundled CUDA kernels (`csrc/*.cu`) into one shared library with nvcc.
 
-The library is built on first use and cached under `~/.cache/moe_plugin/<key>` (override
-the root with `MOE_PLUGIN_CACHE_DIR`), where the key hashes the sources, the target GPU
-architectures, the torch version and the nvcc version; a file lock makes concurrent
-processes build it once. The sources include no torch header, so the library also builds
-on a machine without a GPU:
+The library is built on first use and cached under `~/.cache/moe_plugin/<name>` (override
+the root with `MOE_PLUGIN_CACHE_DIR`), where the name holds a hash of the sources and flags,
+a hash of the nvcc version and the target GPU architectures; a file lock makes concurrent
+processes build it once. A GPU uses any cached build of the same sources whose
+architectures include its own (one built by the same nvcc, or by any nvcc where none is
+installed), so a library prebuilt elsewhere for several architectures serves it. The
+sources include no torch header, so the library also builds on a machine without a GPU:
 
     python -m moe_plugin.kernels.build              # for the visible GPU, into the cache
     python -m moe_plugin.kernels.build --arch 90    # sm_90, no GPU needed
@@ -92,21 +94,41 @@ def cache_root() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "moe_plugin"
 
 
-def build_key(archs: Sequence[str], nvcc: str) -> str:
-    """Hash of everything the built library depends on."""
+def source_key() -> str:
+    """Hash of the sources and the compiler flags."""
     h = hashlib.sha256()
     for path in sorted(SOURCE_DIR.iterdir()):
         if path.suffix in (".cu", ".cuh", ".h"):
             h.update(path.name.encode())
             h.update(path.read_bytes())
-    h.update(",".join(sorted(archs)).encode())
     h.update(" ".join(NVCC_FLAGS).encode())
-    h.update(nvcc_version(nvcc).encode())
-    with contextlib.suppress(ImportError):
-        import torch
-
-        h.update(torch.__version__.encode())
     return h.hexdigest()[:20]
+
+
+def nvcc_key(version: str) -> str:
+    """Hash of an nvcc version line."""
+    return hashlib.sha256(version.encode()).hexdigest()[:8]
+
+
+def build_name(archs: Sequence[str], version: str) -> str:
+    """The cache folder of the sources built for `archs` by nvcc `version`:
+    `<source key>-<nvcc key>-sm<arch>_<arch>...` (architectures in a fixed order)."""
+    ordered = sorted(set(archs), key=lambda a: (len(a), a))
+    return f"{source_key()}-{nvcc_key(version)}-sm{'_'.join(ordered)}"
+
+
+def find_cached(arch: str, version: str | None, root: Path | None = None) -> Path | None:
+    """A cached library of these sources whose architectures include `arch`, built by nvcc
+    `version` (None: by any nvcc); of several, the one for the fewest architectures."""
+    prefix = source_key() + "-"
+    want = None if version is None else nvcc_key(version)
+    found = []
+    for lib in (root or cache_root()).glob(f"{prefix}*/{LIBRARY_NAME}"):
+        tag, sep, archs = lib.parent.name.removeprefix(prefix).partition("-sm")
+        built_for = archs.split("_")
+        if sep and arch in built_for and want in (None, tag):
+            found.append((len(built_for), lib.parent.name, lib))
+    return min(found)[2] if found else None
 
 
 def _gencode_flags(archs: Sequence[str]) -> list[str]:
@@ -184,18 +206,25 @@ def _file_lock(path: Path) -> Iterator[None]:
 
 
 def ensure_built(archs: Sequence[str] | None = None, *, verbose: bool = False) -> Path:
-    """Path of the cached library for `archs` (default: the current CUDA device's), building
-    it first if absent. Safe to call from many processes at once."""
+    """Path of the cached library for `archs`, building it first if absent. By default, any
+    cached build that includes the current CUDA device's architecture (see `find_cached`),
+    else one built for it. Safe to call from many processes at once."""
     nvcc = find_nvcc()
-    if nvcc is None:
+    version = nvcc_version(nvcc) if nvcc else None
+    if not archs:
+        arch = device_arch()
+        cached = find_cached(arch, version)
+        if cached is not None:
+            return cached
+        archs = [arch]
+    if version is None:
         raise RuntimeError(
-            "nvcc not found: the bundled kernels are built on first use, so "
-            "set CUDA_HOME or put nvcc on PATH (or prebuild with "
-            "`python -m moe_plugin.kernels.build` where nvcc exists and share "
-            "MOE_PLUGIN_CACHE_DIR)"
+            f"nvcc not found and no library for sm_{','.join(archs)} cached under "
+            f"{cache_root()}: the bundled kernels are built on first use, so set CUDA_HOME "
+            "or put nvcc on PATH (or prebuild with `python -m moe_plugin.kernels.build` "
+            "where nvcc exists and share MOE_PLUGIN_CACHE_DIR)"
         )
-    archs = list(archs) if archs else [device_arch()]
-    target = cache_root() / build_key(archs, nvcc)
+    target = cache_root() / build_name(archs, version)
     lib = target / LIBRARY_NAME
     if lib.is_file():
         return lib

@@ -38,6 +38,7 @@ class Signature:
 
     @property
     def param_names(self) -> tuple[str, ...]:
+        """The parameters' names, in the C order."""
         return tuple(p for _, p in self.params)
 
     @property
@@ -56,6 +57,7 @@ def _ctype(text: str) -> Any:
 
 
 def _normalize(text: str) -> str:
+    """A C type with single spaces and no space before a `*`."""
     return re.sub(r"\s*\*", "*", " ".join(text.split()))
 
 

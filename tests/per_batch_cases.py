@@ -88,6 +88,19 @@ def build(layer: Layer, case: MoECase, with_decode: bool = True) -> PerBatchPrep
     return PerBatchPrepareAndFinalize(decode, half("prefill", STEP_TOKENS))
 
 
+def kernel_for(layer: Layer, pf: PerBatchPrepareAndFinalize, config: MoECase) -> Any:
+    """vLLM's FusedMoEKernel of `pf` and the test experts `config` asks for (experts that
+    leave NaN in skipped slots when they do not reduce)."""
+    return layer.kernel(
+        pf,
+        config.top_k,
+        quant_config_for(config.quant),
+        reduce=config.reduce,
+        invalid_fill=float("nan"),
+        unquantized_inputs=config.quant == "fp8_deferred",
+    )
+
+
 def record_paths(pf: PerBatchPrepareAndFinalize) -> list[str]:
     """A list that gets the path name of every half prepare the object runs from now on."""
     ran: list[str] = []
@@ -145,14 +158,7 @@ def step_tokens(rng: random.Random, world_size: int, mode: CUDAGraphMode) -> tup
 def run_steps(layer: Layer, step: Step, config: MoECase, rng: random.Random) -> list[str]:
     """Steps of mixed modes through vLLM's FusedMoEKernel on one per-batch object."""
     pf = build(layer, config)
-    kernel = layer.kernel(
-        pf,
-        config.top_k,
-        quant_config_for(config.quant),
-        reduce=config.reduce,
-        invalid_fill=float("nan"),
-        unquantized_inputs=config.quant == "fp8_deferred",
-    )
+    kernel = kernel_for(layer, pf, config)
     ran = record_paths(pf)
     errors = []
     for i, mode in enumerate(step_modes(rng)):
@@ -189,14 +195,7 @@ def run_micro_batches(
         for u in (0, 1)
     ]
     batches = [rank_inputs(cases[u], layer.rank, salt=u) for u in (0, 1)]
-    experts = layer.kernel(
-        pf,
-        config.top_k,
-        quant_config_for(config.quant),
-        reduce=config.reduce,
-        invalid_fill=float("nan"),
-        unquantized_inputs=config.quant == "fp8_deferred",
-    ).fused_experts
+    experts = kernel_for(layer, pf, config).fused_experts
     receivers, finals, outputs = [], [], []
     errors: list[str] = []
     for u, (x, ids, weights) in enumerate(batches):

@@ -12,6 +12,8 @@ the group chose the same half (`check_same_path`, one small collective).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 import vllm.model_executor.layers.fused_moe.modular_kernel as mk
@@ -108,8 +110,8 @@ class PerBatchPrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
         defer_input_quant: bool = False,
     ) -> mk.PrepareResultType:
         """The chosen half's `prepare` (see the module docstring)."""
-        half, slot = self._choose(a1)
-        result = half.prepare(
+        return self._on_chosen_half(
+            "prepare",
             a1,
             topk_weights,
             topk_ids,
@@ -119,8 +121,6 @@ class PerBatchPrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
             quant_config,
             defer_input_quant,
         )
-        self.dispatched[slot] = half
-        return result
 
     def prepare_async(
         self,
@@ -134,8 +134,8 @@ class PerBatchPrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
         defer_input_quant: bool = False,
     ) -> tuple[Hook, mk.ReceiverType] | mk.ReceiverType:
         """The chosen half's `prepare_async` (see the module docstring)."""
-        half, slot = self._choose(a1)
-        result = half.prepare_async(
+        return self._on_chosen_half(
+            "prepare_async",
             a1,
             topk_weights,
             topk_ids,
@@ -145,8 +145,6 @@ class PerBatchPrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
             quant_config,
             defer_input_quant,
         )
-        self.dispatched[slot] = half
-        return result
 
     # --------------------------------------------------------------- finalize
     def finalize(
@@ -190,6 +188,14 @@ class PerBatchPrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
     # ---------------------------------------------------------------- helpers
     def _built(self) -> list[TransportPrepareAndFinalize]:
         return [h for h in self.halves.values() if h is not None]
+
+    def _on_chosen_half(self, method: str, a1: torch.Tensor, *rest: Any) -> Any:
+        """Call `method` ("prepare" or "prepare_async") of the half chosen for this call and
+        remember that half for the slot's finalize once the call has returned."""
+        half, slot = self._choose(a1)
+        result = getattr(half, method)(a1, *rest)
+        self.dispatched[slot] = half
+        return result
 
     def _choose(self, a1: torch.Tensor) -> tuple[TransportPrepareAndFinalize, int]:
         """The half for this call and the micro-batch slot; raises before anything is sent

@@ -92,14 +92,6 @@ def make_prepare_finalize(
         )
         return None
 
-    from vllm.distributed import get_ep_group
-
-    from moe_plugin.prepare_finalize import (
-        PREPARE_FINALIZE_CLASSES,
-        PerBatchPrepareAndFinalize,
-    )
-    from moe_plugin.transport import TransportSpec
-
     if (
         settings.max_tokens_per_rank is not None
         and settings.max_tokens_per_rank < moe.max_num_tokens
@@ -109,6 +101,20 @@ def make_prepare_finalize(
             f"than the {moe.max_num_tokens} tokens a rank may run per step "
             "(--max-num-batched-tokens): raise it, or lower --max-num-batched-tokens"
         )
+    return _build(settings, moe, quant_config, vllm_config)
+
+
+def _build(settings: PluginSettings, moe: Any, quant_config: Any, vllm_config: Any) -> Any:
+    """The prepare/finalize of `settings.mode` for `moe`, its transports sized from vLLM's
+    config (see the module docstring), logged once. Collective: builds transports."""
+    from vllm.distributed import get_ep_group
+
+    from moe_plugin.prepare_finalize import (
+        PREPARE_FINALIZE_CLASSES,
+        PerBatchPrepareAndFinalize,
+    )
+    from moe_plugin.transport import TransportSpec
+
     graph_tokens = _cuda_graph_tokens(vllm_config)
     step_tokens = settings.max_tokens_per_rank or moe.max_num_tokens
     halves = {}

@@ -5,11 +5,13 @@ without the `moe_plugin` key vLLM's own prepare/finalize choice stands. Every ke
 optional:
 
 - `mode`: `decode` (fixed-size, host-sync-free exchange, safe in CUDA graphs), `prefill`
-  (expanded, exactly sized, one host read per call) or `auto` (decode when vLLM runs with
-  CUDA graphs, prefill under `--enforce-eager`).
+  (expanded, exactly sized, one host read per call) or `auto` (per step: the decode path
+  in steps vLLM runs under a CUDA graph, sized by the largest capture size, and the
+  prefill path in eager steps).
 - `transport`: `bundled` (our NVLink kernels, CUDA) or `torch` (torch.distributed).
 - `max_tokens_per_rank`: tokens one rank may send per MoE call (the transport's buffers are
-  sized for it); default, and smallest value accepted: vLLM's `max_num_batched_tokens`.
+  sized for it; in `auto`, the prefill path's); default, and smallest value accepted:
+  vLLM's `max_num_batched_tokens`.
 - `num_sms`: SMs the bundled kernels may use (default: the transport's own, 24).
 - `timeout_s`: bound on any wait for a peer (default: `MOE_PLUGIN_TIMEOUT_S`, 60 s).
 
@@ -71,19 +73,20 @@ class PluginSettings:
             return None
         return cls.parse(additional_config[CONFIG_KEY])
 
-    def resolve_mode(self, cuda_graphs: bool) -> str:
-        """`decode` or `prefill`: `auto` becomes decode when CUDA graphs are on."""
+    def paths(self, cuda_graphs: bool) -> tuple[str, ...]:
+        """The paths (`decode`, `prefill`) a layer builds: the one `mode` names, or for
+        `auto` both when vLLM may run CUDA graphs and only `prefill` when it never does."""
         if self.mode != "auto":
-            return self.mode
-        return "decode" if cuda_graphs else "prefill"
+            return (self.mode,)
+        return ("decode", "prefill") if cuda_graphs else ("prefill",)
 
-    def transport_kwargs(self, mode: str) -> dict[str, Any]:
-        """Keyword arguments for `make_transport` beyond the spec and group, for layers
-        running in `mode` (decode or prefill)."""
+    def transport_kwargs(self, path: str) -> dict[str, Any]:
+        """Keyword arguments for `make_transport` beyond the spec and group, for the
+        transports of one path (decode or prefill; `auto` layers use one of each)."""
         kwargs: dict[str, Any] = {}
         if self.transport == "bundled":
-            # Only that path's buffers: the decode path's grow with R * Tmax * H.
-            kwargs["modes"] = (mode,)
+            # Only that path's buffers, so each path's transport is sized for its own calls.
+            kwargs["modes"] = (path,)
         if self.timeout_s is not None:
             kwargs["timeout_s"] = self.timeout_s
         if self.num_sms is not None:

@@ -3,7 +3,8 @@
 It wraps vLLM's `all2all_utils.maybe_make_prepare_finalize`, the factory every MoE layer
 asks for its prepare/finalize. With `--additional-config '{"moe_plugin": {...}}'` and
 `--all2all-backend allgather_reducescatter`, every expert-parallel MoE layer gets our
-`DecodePrepareAndFinalize` or `PrefillPrepareAndFinalize` (see `config.py` for the keys);
+`PerBatchPrepareAndFinalize` (mode `auto`), `DecodePrepareAndFinalize` or
+`PrefillPrepareAndFinalize` (see `config.py` for the keys);
 without the `moe_plugin` key, or for a layer we cannot serve (named in a warning), vLLM's
 own choice stands.
 
@@ -16,8 +17,10 @@ own choice stands.
   `max_num_tokens` (the scheduler's `max_num_batched_tokens`, what vLLM sizes its own
   all2all buffers by), and are built once per (process group, shape) and shared by all
   layers (`TransportPool`).
-- Mode `auto` is decode when vLLM runs with CUDA graphs (not `--enforce-eager` and a
-  cudagraph mode other than NONE), else prefill, as vLLM's DeepEP v2 backend chooses.
+- Mode `auto` chooses per step: the decode path in steps vLLM runs under a CUDA graph,
+  sized by the most tokens a graph step gives one rank (`_cuda_graph_tokens`), and the
+  prefill path, sized as above, in eager steps. Without CUDA graphs (`--enforce-eager` or
+  cudagraph mode NONE) only the prefill path is built.
 """
 
 from __future__ import annotations
@@ -89,9 +92,6 @@ def make_prepare_finalize(
         )
         return None
 
-    from moe_plugin.prepare_finalize import PREPARE_FINALIZE_CLASSES
-    from moe_plugin.transport import TransportSpec
-
     if (
         settings.max_tokens_per_rank is not None
         and settings.max_tokens_per_rank < moe.max_num_tokens
@@ -101,20 +101,54 @@ def make_prepare_finalize(
             f"than the {moe.max_num_tokens} tokens a rank may run per step "
             "(--max-num-batched-tokens): raise it, or lower --max-num-batched-tokens"
         )
-    mode = settings.resolve_mode(_cuda_graphs_enabled(vllm_config))
-    spec = TransportSpec(
-        max_tokens_per_rank=settings.max_tokens_per_rank or moe.max_num_tokens,
-        hidden=moe.hidden_dim,
-        num_topk=moe.experts_per_token,
-        num_experts=moe.num_experts,
+    return _build(settings, moe, quant_config, vllm_config)
+
+
+def _build(settings: PluginSettings, moe: Any, quant_config: Any, vllm_config: Any) -> Any:
+    """The prepare/finalize of `settings.mode` for `moe`, its transports sized from vLLM's
+    config (see the module docstring), logged once. Collective: builds transports."""
+    from vllm.distributed import get_ep_group
+
+    from moe_plugin.prepare_finalize import (
+        PREPARE_FINALIZE_CLASSES,
+        PerBatchPrepareAndFinalize,
     )
-    prepare_finalize = PREPARE_FINALIZE_CLASSES[mode](
-        _pool(settings, mode), spec, quant_config, moe
+    from moe_plugin.transport import TransportSpec
+
+    graph_tokens = _cuda_graph_tokens(vllm_config)
+    step_tokens = settings.max_tokens_per_rank or moe.max_num_tokens
+    halves = {}
+    for path in settings.paths(cuda_graphs=graph_tokens > 0):
+        # Only auto's decode path is sized by the graphs: it serves nothing else.
+        by_graphs = settings.mode == "auto" and path == "decode"
+        spec = TransportSpec(
+            max_tokens_per_rank=graph_tokens if by_graphs else step_tokens,
+            hidden=moe.hidden_dim,
+            num_topk=moe.experts_per_token,
+            num_experts=moe.num_experts,
+        )
+        halves[path] = PREPARE_FINALIZE_CLASSES[path](
+            _pool(settings, path), spec, quant_config, moe
+        )
+    if settings.mode == "auto":
+        prepare_finalize = PerBatchPrepareAndFinalize(
+            halves.get("decode"),
+            halves["prefill"],
+            check_group=get_ep_group().cpu_group,
+            timeout_s=settings.timeout_s,
+            quant_config=quant_config,
+            moe_config=moe,
+        )
+    else:
+        (prepare_finalize,) = halves.values()
+    sizes = ", ".join(
+        f"{path} path max {half.spec.max_tokens_per_rank} tokens per rank"
+        for path, half in halves.items()
     )
     _log_once(
         logging.INFO,
         f"moe_plugin: {type(prepare_finalize).__name__} over the "
-        f"{settings.transport} transport (max {spec.max_tokens_per_rank} tokens per rank)",
+        f"{settings.transport} transport ({sizes})",
     )
     return prepare_finalize
 
@@ -247,6 +281,7 @@ def _unsupported_reason(moe: Any, use_monolithic: bool) -> str | None:
 
 
 def _cuda_graphs_enabled(vllm_config: Any) -> bool:
+    """True unless `--enforce-eager` (or no model config) or cudagraph mode NONE."""
     model_config = vllm_config.model_config
     if model_config is None or model_config.enforce_eager:
         return False
@@ -254,14 +289,35 @@ def _cuda_graphs_enabled(vllm_config: Any) -> bool:
     return mode is None or mode.name != "NONE"
 
 
-def _pool(settings: PluginSettings, mode: str) -> Any:
-    """The transport pool for `settings` and `mode` on vLLM's expert-parallel group."""
+def _cuda_graph_tokens(vllm_config: Any) -> int:
+    """The most tokens one rank's MoE call carries in a CUDA-graph step; 0 without graphs.
+
+    That is vLLM's largest capture size (`max_cudagraph_capture_size`, the last of
+    `cudagraph_capture_sizes`; YOCO decoder-replay sizes too, where set): a graph step
+    pads each rank's batch up to a captured size, data-parallel padding pads every rank
+    to the largest such size over the ranks (a rank over every size makes the whole step
+    eager: the synchronized mode is the minimum), and dual-batch overlap splits a step into
+    two micro-batches that are each smaller.
+    """
+    if not _cuda_graphs_enabled(vllm_config):
+        return 0
+    compilation = vllm_config.compilation_config
+    sizes = [
+        compilation.max_cudagraph_capture_size or 0,
+        *(compilation.cudagraph_capture_sizes or ()),
+        *(getattr(compilation, "decoder_replay_cudagraph_capture_sizes", None) or ()),
+    ]
+    return max(sizes)
+
+
+def _pool(settings: PluginSettings, path: str) -> Any:
+    """The transport pool for `settings` and `path` on vLLM's expert-parallel group."""
     from vllm.distributed import get_ep_group
 
     from moe_plugin.transport import TransportPool
 
     group = get_ep_group().device_group
-    kwargs = settings.transport_kwargs(mode)
+    kwargs = settings.transport_kwargs(path)
     key = (settings.transport, group, tuple(sorted(kwargs.items())))
     pool = _POOLS.get(key)
     if pool is None:

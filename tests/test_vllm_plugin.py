@@ -30,10 +30,11 @@ def test_settings_defaults_and_modes() -> None:
     assert PluginSettings.from_additional_config({"other": 1}) is None
     settings = PluginSettings.from_additional_config({"moe_plugin": {}})
     assert settings == PluginSettings()
-    assert settings.resolve_mode(cuda_graphs=True) == "decode"
-    assert settings.resolve_mode(cuda_graphs=False) == "prefill"
+    assert settings.paths(cuda_graphs=True) == ("decode", "prefill")
+    assert settings.paths(cuda_graphs=False) == ("prefill",)
     for mode in ("decode", "prefill"):
-        assert PluginSettings.parse({"mode": mode}).resolve_mode(cuda_graphs=True) == mode
+        for graphs in (True, False):
+            assert PluginSettings.parse({"mode": mode}).paths(cuda_graphs=graphs) == (mode,)
     full = PluginSettings.parse(
         {
             "mode": "decode",

@@ -100,8 +100,8 @@ def check_selection(plugin: ModuleType) -> dict[str, list[str]]:
     expect = {
         "decode flag": ({"moe_plugin": {**on, "mode": "decode"}}, "DecodePrepareAndFinalize"),
         "prefill flag": ({"moe_plugin": {**on, "mode": "prefill"}}, "PrefillPrepareAndFinalize"),
-        # No model config here, so no CUDA graphs: auto picks prefill.
-        "auto flag, eager": ({"moe_plugin": on}, "PrefillPrepareAndFinalize"),
+        # No model config here, so no CUDA graphs: auto builds its prefill path only.
+        "auto flag, eager": ({"moe_plugin": on}, "PerBatchPrepareAndFinalize"),
         "no flag": ({}, "MoEPrepareAndFinalizeNaiveDPEPModular"),
         "other additional_config keys": (
             {"something_else": 1},
@@ -118,22 +118,45 @@ def check_selection(plugin: ModuleType) -> dict[str, list[str]]:
         selection.append(f"a caller without the modular interface got {got}")
     single = expert_parallel_moe_config(16, 2, 256, 64, world_size=1, rank=0)
     got = chosen({"moe_plugin": on}, single)
-    if got.startswith(("Decode", "Prefill")):
+    if got.startswith(("Decode", "Prefill", "PerBatch")):
         selection.append(f"a layer without expert-parallel all2all got {got}")
 
     auto = []
-    graphs = SimpleNamespace(
-        additional_config={"moe_plugin": on},
-        model_config=SimpleNamespace(enforce_eager=False),
-        compilation_config=SimpleNamespace(cudagraph_mode=SimpleNamespace(name="FULL")),
-    )
+    capture_sizes = [1, 2, 4, 8, 16, 24]
+
+    def with_graphs(settings: dict[str, Any]) -> Any:
+        return SimpleNamespace(
+            additional_config={"moe_plugin": settings},
+            model_config=SimpleNamespace(enforce_eager=False),
+            compilation_config=SimpleNamespace(
+                cudagraph_mode=SimpleNamespace(name="FULL"),
+                max_cudagraph_capture_size=capture_sizes[-1],
+                cudagraph_capture_sizes=capture_sizes,
+            ),
+        )
+
+    graphs = with_graphs(on)
     pf = plugin.make_prepare_finalize(ep_layer, quant, vllm_config=graphs)
-    if type(pf).__name__ != "DecodePrepareAndFinalize":
-        auto.append(f"auto with CUDA graphs built {type(pf).__name__}")
-    if pf.spec.max_tokens_per_rank != ep_layer.max_num_tokens:
+    sizes = {path: half and half.spec.max_tokens_per_rank for path, half in pf.halves.items()}
+    want = {"decode": capture_sizes[-1], "prefill": ep_layer.max_num_tokens}
+    if type(pf).__name__ != "PerBatchPrepareAndFinalize" or sizes != want:
         auto.append(
-            f"sized for {pf.spec.max_tokens_per_rank} tokens, the layer's "
-            f"max_num_tokens is {ep_layer.max_num_tokens}"
+            f"auto with CUDA graphs built {type(pf).__name__} with paths sized {sizes} "
+            f"tokens per rank, expected {want} (largest capture size, max_num_tokens)"
+        )
+    no_graphs = SimpleNamespace(
+        additional_config={"moe_plugin": on}, model_config=None, compilation_config=None
+    )
+    eager = plugin.make_prepare_finalize(ep_layer, quant, vllm_config=no_graphs)
+    if eager.halves["decode"] is not None:
+        auto.append("auto without CUDA graphs built a decode path")
+    explicit = plugin.make_prepare_finalize(
+        ep_layer, quant, vllm_config=with_graphs({**on, "mode": "decode"})
+    )
+    if explicit.spec.max_tokens_per_rank != ep_layer.max_num_tokens:
+        auto.append(
+            f"mode decode sized for {explicit.spec.max_tokens_per_rank} tokens, the "
+            f"layer's max_num_tokens is {ep_layer.max_num_tokens}"
         )
 
     def sized_for(tokens: int) -> Any:
@@ -148,8 +171,8 @@ def check_selection(plugin: ModuleType) -> dict[str, list[str]]:
         )
 
     bigger = ep_layer.max_num_tokens + 64
-    sized = sized_for(bigger)
-    if sized.spec.max_tokens_per_rank != bigger or sized.pool is not pf.pool:
+    sized = sized_for(bigger).halves["prefill"]
+    if sized.spec.max_tokens_per_rank != bigger or sized.pool is not pf.halves["prefill"].pool:
         auto.append("max_tokens_per_rank not honored, or the transport pool not shared")
     try:
         sized_for(ep_layer.max_num_tokens - 1)

@@ -3,6 +3,7 @@
 
 from moe_plugin.prepare_finalize.base import TransportPrepareAndFinalize
 from moe_plugin.prepare_finalize.decode import DecodePrepareAndFinalize
+from moe_plugin.prepare_finalize.per_batch import PerBatchPrepareAndFinalize
 from moe_plugin.prepare_finalize.prefill import PrefillPrepareAndFinalize
 
 PREPARE_FINALIZE_CLASSES = {
@@ -13,6 +14,7 @@ PREPARE_FINALIZE_CLASSES = {
 __all__ = [
     "DecodePrepareAndFinalize",
     "PREPARE_FINALIZE_CLASSES",
+    "PerBatchPrepareAndFinalize",
     "PrefillPrepareAndFinalize",
     "TransportPrepareAndFinalize",
 ]

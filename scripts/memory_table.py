@@ -11,7 +11,6 @@ no GPU needed.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import dataclasses
 import json
 import pathlib
@@ -21,6 +20,7 @@ from collections.abc import Sequence
 import torch
 import yaml
 
+from moe_plugin.kernels.binding import Library
 from moe_plugin.kernels.build import ensure_built
 from moe_plugin.transport.base import TransportSpec
 from moe_plugin.transport.bundled.footprint import path_bytes
@@ -77,7 +77,7 @@ def graph_tokens(config: dict) -> int:
     return min(largest or DEFAULT_CAPTURE_CEILING, config["max-num-batched-tokens"])
 
 
-def row(path: pathlib.Path, lib: ctypes.CDLL) -> Row:
+def row(path: pathlib.Path, lib: Library) -> Row:
     """The buffers per GPU of the serving config at `path` (bundled transport)."""
     config = yaml.safe_load(path.read_text())
     model = MODELS[config["model"]]
@@ -127,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("configs", nargs="+", type=pathlib.Path)
     args = parser.parse_args(argv)
-    lib = ctypes.CDLL(str(ensure_built(["90"])))
+    lib = Library(ensure_built(["90"]))
     print(markdown([row(p, lib) for p in args.configs]))
     return 0
 

@@ -74,31 +74,45 @@ def test_exports_are_the_declared_entry_points(library: Path, lib: binding.Libra
     assert lib.signatures["moe_decode_dispatch"].param_names[:2] == ("plan", "stream")
 
 
+def _dict_keys(node: ast.AST, returns: dict[str, set[str]]) -> set[str] | None:
+    """The keys of `dict(k=...)`, or of a call to a function of `returns`, else None."""
+    if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)):
+        return None
+    if node.func.id == "dict":
+        return {k.arg for k in node.keywords if k.arg}
+    return returns.get(node.func.id)
+
+
 def _calls(tree: ast.AST) -> list[tuple[str, set[str], int]]:
-    """(entry point, argument names, line) of every `binding.call("name", k=...)`; `**d`
-    arguments are resolved where `d = dict(k=...)` is assigned in the same function."""
-    dicts: dict[tuple[int, str], set[str]] = {}
-    out = []
-    for fn in ast.walk(tree):
-        if not isinstance(fn, ast.FunctionDef):
-            continue
+    """(entry point, argument names, line) of every `<library>.call("moe_...", k=...)`;
+    `**d` arguments are resolved where `d` is `dict(k=...)` assigned in the same function,
+    or a call of a function that returns `dict(k=...)`."""
+    functions = [fn for fn in ast.walk(tree) if isinstance(fn, ast.FunctionDef)]
+    returns: dict[str, set[str]] = {}
+    for fn in functions:
         for node in ast.walk(fn):
-            if (
-                isinstance(node, ast.Assign)
-                and isinstance(node.value, ast.Call)
-                and isinstance(node.value.func, ast.Name)
-                and node.value.func.id == "dict"
-            ):
-                for target in node.targets:
-                    if isinstance(target, ast.Name):
-                        dicts[id(fn), target.id] = {k.arg for k in node.value.keywords if k.arg}
+            if isinstance(node, ast.Return) and node.value is not None:
+                keys = _dict_keys(node.value, {})
+                if keys is not None:
+                    returns[fn.name] = keys
+    out = []
+    for fn in functions:
+        dicts: dict[str, set[str]] = {}
+        for node in ast.walk(fn):
+            if isinstance(node, ast.Assign):
+                keys = _dict_keys(node.value, returns)
+                if keys is not None:
+                    for target in node.targets:
+                        if isinstance(target, ast.Name):
+                            dicts[target.id] = keys
         for node in ast.walk(fn):
             if not (
                 isinstance(node, ast.Call)
                 and isinstance(node.func, ast.Attribute)
                 and node.func.attr == "call"
-                and isinstance(node.func.value, ast.Name)
-                and node.func.value.id == "binding"
+                and node.args
+                and isinstance(node.args[0], ast.Constant)
+                and str(node.args[0].value).startswith("moe_")
             ):
                 continue
             assert not node.args[1:], f"line {node.lineno}: positional kernel arguments"
@@ -106,12 +120,15 @@ def _calls(tree: ast.AST) -> list[tuple[str, set[str], int]]:
             for k in node.keywords:
                 if k.arg is not None:
                     names.add(k.arg)
-                else:
-                    assert isinstance(k.value, ast.Name), f"line {node.lineno}: unresolved **"
-                    names |= dicts[id(fn), k.value.id]
-            first = node.args[0]
-            assert isinstance(first, ast.Constant), f"line {node.lineno}: computed name"
-            out.append((first.value, names, node.lineno))
+                    continue
+                keys = (
+                    dicts.get(k.value.id)
+                    if isinstance(k.value, ast.Name)
+                    else _dict_keys(k.value, returns)
+                )
+                assert keys is not None, f"line {node.lineno}: unresolved **"
+                names |= keys
+            out.append((node.args[0].value, names, node.lineno))
     return out
 
 

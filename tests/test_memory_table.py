@@ -6,7 +6,6 @@ library is built for sm_90, no GPU)."""
 
 from __future__ import annotations
 
-import ctypes
 import importlib.util
 import pathlib
 import sys
@@ -14,6 +13,7 @@ import sys
 import pytest
 
 from moe_plugin.kernels import build
+from moe_plugin.kernels.binding import Library
 
 pytestmark = pytest.mark.skipif(build.find_nvcc() is None, reason="nvcc not found")
 
@@ -32,19 +32,17 @@ def table() -> object:
 
 
 @pytest.fixture(scope="module")
-def lib() -> ctypes.CDLL:
-    return ctypes.CDLL(str(build.ensure_built(["90"])))
+def lib() -> Library:
+    return Library(build.ensure_built(["90"]))
 
 
-def test_config_doc_holds_the_computed_table(table: object, lib: ctypes.CDLL) -> None:
+def test_config_doc_holds_the_computed_table(table: object, lib: Library) -> None:
     text = table.markdown([table.row(path, lib) for path in CONFIGS])
     assert text in (ROOT / "docs/CONFIG.md").read_text(), text
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
-def test_decode_bytes_follow_the_formula(
-    table: object, lib: ctypes.CDLL, path: pathlib.Path
-) -> None:
+def test_decode_bytes_follow_the_formula(table: object, lib: Library, path: pathlib.Path) -> None:
     row = table.row(path, lib)
     model = next(m for name, m in table.MODELS.items() if name in path.read_text())
     scales = model.hidden // 128 if model.fp8 else 0

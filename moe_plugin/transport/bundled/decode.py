@@ -28,6 +28,7 @@ from moe_plugin.transport.base import (
     DispatchHandle,
     DispatchHook,
     DispatchResult,
+    TransportSpec,
 )
 from moe_plugin.transport.bundled.symmetric import SymmetricBuffer
 
@@ -57,6 +58,32 @@ class _DecodeState:
     call: int
 
 
+def decode_layout(
+    spec: TransportSpec,
+    world_size: int,
+    slot: int,
+    parity: int,
+    lib: binding.Library | None = None,
+) -> ctypes.Structure:
+    """The kernels' DecodeLayout of (slot, parity) for `spec` on `world_size` ranks: buffer
+    sizes and region offsets. `lib` defaults to the library of the current GPU."""
+    lib = lib or binding.library()
+    layout = lib.structs["decode_layout"]()
+    lib.call(
+        "moe_decode_layout",
+        R=world_size,
+        Tmax=spec.max_tokens_per_rank,
+        H=spec.hidden,
+        K=spec.num_topk,
+        E=spec.num_experts,
+        fp8=int(spec.is_fp8),
+        slot=slot,
+        parity=parity,
+        out=ctypes.byref(layout),
+    )
+    return layout
+
+
 class DecodePath:
     """Non-expanded dispatch / combine of a `BundledTransport` (decode mode).
 
@@ -68,7 +95,9 @@ class DecodePath:
         world = transport.world_size
         rows = world * spec.max_tokens_per_rank
         layouts = {
-            (s, p): self._layout(s, p) for s in range(NUM_SLOTS) for p in range(NUM_PARITIES)
+            (s, p): decode_layout(spec, world, s, p)
+            for s in range(NUM_SLOTS)
+            for p in range(NUM_PARITIES)
         }
         self.buffer = SymmetricBuffer(layouts[0, 0].sym_bytes, transport.group, transport.device)
         self.local_state = torch.zeros(
@@ -113,24 +142,6 @@ class DecodePath:
             )
         self._next_parity = [0] * NUM_SLOTS
         self._calls = [0] * NUM_SLOTS
-
-    def _layout(self, slot: int, parity: int) -> ctypes.Structure:
-        """The kernels' DecodeLayout of (slot, parity): buffer sizes and region offsets."""
-        spec = self.transport.spec
-        layout = binding.struct("decode_layout")()
-        binding.call(
-            "moe_decode_layout",
-            R=self.transport.world_size,
-            Tmax=spec.max_tokens_per_rank,
-            H=spec.hidden,
-            K=spec.num_topk,
-            E=spec.num_experts,
-            fp8=int(spec.is_fp8),
-            slot=slot,
-            parity=parity,
-            out=ctypes.byref(layout),
-        )
-        return layout
 
     def dispatch(
         self,

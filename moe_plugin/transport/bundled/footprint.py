@@ -14,17 +14,16 @@ exact-size `recv_x` it allocates per call, and pinned host words.
 
 from __future__ import annotations
 
-import ctypes
-
+from moe_plugin.kernels import binding
 from moe_plugin.transport.base import NUM_SLOTS, TransportSpec
-from moe_plugin.transport.bundled.prefill import BLOCK_TOKENS, RING_DEPTH
+from moe_plugin.transport.bundled.decode import decode_layout
+from moe_plugin.transport.bundled.prefill import prefill_slot_bytes
 
 PATHS = ("decode", "prefill")
-_DECODE_LAYOUT_WORDS = 8  # moe_decode_layout's out[8]: symmetric bytes, local bytes, ...
 
 
 def path_bytes(
-    spec: TransportSpec, world_size: int, path: str, lib: ctypes.CDLL | None = None
+    spec: TransportSpec, world_size: int, path: str, lib: binding.Library | None = None
 ) -> int:
     """Bytes of device memory the `path` ("decode" or "prefill") of a BundledTransport
     built for `spec` on `world_size` ranks keeps on each GPU. `lib` is the loaded kernel
@@ -33,33 +32,12 @@ def path_bytes(
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
     spec.validate(world_size)
-    if lib is None:
-        from moe_plugin.kernels import binding
-
-        lib = binding.library()
     if path == "decode":
-        out = (ctypes.c_longlong * _DECODE_LAYOUT_WORDS)()
-        fn = lib.moe_decode_layout
-        fn.restype = ctypes.c_int
-        fn.argtypes = [ctypes.c_longlong] * 8 + [ctypes.POINTER(ctypes.c_longlong)]
-        args = (world_size, spec.max_tokens_per_rank, spec.hidden, spec.num_topk)
-        status = fn(*args, spec.num_experts, int(spec.is_fp8), 0, 0, out)
-        if status != 0:
-            raise ValueError(f"the decode kernels do not support {spec} on {world_size} ranks")
-        return out[0] + out[1]
-    fn = lib.moe_prefill_slot_bytes
-    fn.restype = ctypes.c_longlong
-    fn.argtypes = [ctypes.c_longlong] * 8
-    slot_bytes = fn(
-        world_size,
-        spec.num_experts,
-        spec.num_topk,
-        spec.hidden,
-        spec.dtype.itemsize,
-        spec.num_scales,
-        BLOCK_TOKENS,
-        RING_DEPTH,
-    )
-    if slot_bytes <= 0:
-        raise ValueError(f"the prefill kernels do not support {spec} on {world_size} ranks")
-    return NUM_SLOTS * slot_bytes
+        try:
+            layout = decode_layout(spec, world_size, 0, 0, lib)
+        except RuntimeError as e:
+            raise ValueError(
+                f"the decode kernels do not support {spec} on {world_size} ranks: {e}"
+            ) from e
+        return layout.sym_bytes + layout.local_bytes
+    return NUM_SLOTS * prefill_slot_bytes(spec, world_size, lib)

@@ -69,6 +69,7 @@ from moe_plugin.transport.base import (
     DispatchHandle,
     DispatchHook,
     DispatchResult,
+    TransportSpec,
 )
 from moe_plugin.transport.bundled.symmetric import SymmetricBuffer
 
@@ -151,6 +152,33 @@ class _Slot:
         return self.stream
 
 
+def _shape(spec: TransportSpec, world_size: int) -> dict[str, int]:
+    """The shape arguments the prefill entry points take for `spec` on `world_size` ranks."""
+    return dict(
+        R=world_size,
+        E=spec.num_experts,
+        K=spec.num_topk,
+        H=spec.hidden,
+        elt=spec.dtype.itemsize,
+        nscales=spec.num_scales,
+        block_tokens=BLOCK_TOKENS,
+        ring_depth=RING_DEPTH,
+    )
+
+
+def prefill_slot_bytes(
+    spec: TransportSpec, world_size: int, lib: binding.Library | None = None
+) -> int:
+    """Bytes of one slot's ring region for `spec` on `world_size` ranks; ValueError when the
+    kernels do not support the shape. `lib` defaults to the library of the current GPU."""
+    slot_bytes = (lib or binding.library()).call(
+        "moe_prefill_slot_bytes", **_shape(spec, world_size)
+    )
+    if slot_bytes <= 0:
+        raise ValueError(f"the bundled prefill kernels do not support {spec} on {world_size} ranks")
+    return slot_bytes
+
+
 class PrefillPath:
     """Expanded dispatch / combine of a `BundledTransport` (prefill mode, `cpu_sync=True`).
 
@@ -166,19 +194,8 @@ class PrefillPath:
                 f"the bundled prefill kernels take at most {max_experts} experts, "
                 f"got num_experts={spec.num_experts}"
             )
-        shape = dict(
-            R=world,
-            E=spec.num_experts,
-            K=spec.num_topk,
-            H=spec.hidden,
-            elt=spec.dtype.itemsize,
-            nscales=spec.num_scales,
-            block_tokens=BLOCK_TOKENS,
-            ring_depth=RING_DEPTH,
-        )
-        slot_bytes = binding.call("moe_prefill_slot_bytes", **shape)
-        if slot_bytes <= 0:
-            raise ValueError(f"the bundled prefill kernels do not support {spec} on {world} ranks")
+        shape = _shape(spec, world)
+        slot_bytes = prefill_slot_bytes(spec, world)
         sm_count = torch.cuda.get_device_properties(transport.device).multi_processor_count
         layout_ctas = min(LAYOUT_MAX_CTAS, transport.num_sms)
         self.layout_warps = layout_ctas * binding.constant("prefill_layout_warps")

@@ -61,8 +61,10 @@ def run_workers(
 
     Each process has joined the default process group (`backend`, default
     `default_backend(nprocs)`) and, where GPUs are visible, set its CUDA device to
-    `gpu_of(rank, visible_gpus())`. `fn` and `args` must be picklable. Raises RuntimeError naming the rank if a process fails, and
-    TimeoutError (after killing them all) if they are not done within `timeout_s`.
+    `gpu_of(rank, visible_gpus())`. `fn` and `args` must be picklable. Raises ValueError
+    for NCCL on ranks that would share a GPU, RuntimeError naming the rank if a process
+    fails, and TimeoutError (after killing them all) if they are not done within
+    `timeout_s`.
     """
     backend = backend or default_backend(nprocs)
     if backend == "nccl" and ranks_share_gpus(nprocs):

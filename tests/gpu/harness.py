@@ -77,7 +77,7 @@ def make_inputs(
     routing: "uniform" (distinct experts, ~10% of choices -1), "skewed" (every token to
     experts of one rank, repeats allowed), "none" (all -1), "mixed" (a random pick per
     token of the three). `bad_ids` replaces ~5% of choices with ids outside [-1, E)."""
-    device = torch.device("cuda", torch.cuda.current_device())
+    device = rank_device()
     g = torch.Generator(device=device).manual_seed(seed)
     tmax, hidden, k, e = spec.max_tokens_per_rank, spec.hidden, spec.num_topk, spec.num_experts
     local = e // world
@@ -108,6 +108,13 @@ def make_inputs(
         idx = torch.where(torch.rand(idx.shape, generator=g, device=device) < 0.05, bad[which], idx)
     w = torch.rand(world, tmax, k, generator=g, device=device)
     return Inputs(spec, list(tokens), x, scales, idx.contiguous(), w)
+
+
+def rank_device() -> torch.device:
+    """This rank's CUDA device, else the CPU (where only the references can run)."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def y_of(result: DispatchResult, rank: int, local: int) -> torch.Tensor:

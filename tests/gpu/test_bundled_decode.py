@@ -34,6 +34,7 @@ from tests.gpu.harness import (
     dropped_ids_errors,
     make_inputs,
     outcomes_fixture,
+    rank_device,
     ranks_per_gpu,
     release,
     repeats,
@@ -573,7 +574,7 @@ def scenario_lifecycle(world: int) -> list[str]:
 
 
 def _empty_call(spec: TransportSpec) -> tuple[torch.Tensor, ...]:
-    device = torch.device("cuda", torch.cuda.current_device())
+    device = rank_device()
     return (
         torch.empty(0, spec.hidden, dtype=spec.dtype, device=device),
         torch.empty(0, spec.num_topk, dtype=torch.int64, device=device),

@@ -31,6 +31,7 @@ from tests.gpu.harness import (
     dropped_ids_errors,
     make_inputs,
     outcomes_fixture,
+    rank_device,
     release,
     repeats,
     rotate,
@@ -409,7 +410,7 @@ def prefill_soak(world: int, calls: int, seed: int) -> tuple[int, int]:
         for s, n in zip(specs, (24, 2 * world), strict=True)
     ]
     rng = random.Random(seed)
-    device = torch.device("cuda", torch.cuda.current_device())
+    device = rank_device()
     bad = torch.zeros((), dtype=torch.int64, device=device)
     done = 0
     while done < calls:

@@ -12,7 +12,7 @@
 #   BENCH_ARGS   passed on to both `python -m moe_plugin.bench` runs (after their own)
 # Environment: GPU_CHECK_BUDGET_S (default 480 s for all stages), GPU_CHECK_WORLDS (group
 # sizes of the GPU tests, default 2,4,8), GPU_CHECK_SOAK ("WORLDS SECONDS", default
-# "4,8 40,24"). Every stage runs under a time limit: at most its own cap and what is left of
+# "4,8 60,30"). Every stage runs under a time limit: at most its own cap and what is left of
 # the budget, so the table is always printed; a stage with under 20 s left is skipped. Logs
 # go to $OUT (default ./gpu_out). A failed stage does not stop the later ones; the exit
 # status is non-zero if any stage failed, timed out or was skipped for the budget.
@@ -37,7 +37,7 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 export OUT=${OUT:-$PWD/gpu_out}
 export MOE_PLUGIN_TEST_WORLDS=${GPU_CHECK_WORLDS:-2,4,8}
-read -r soak_worlds soak_seconds <<< "${GPU_CHECK_SOAK:-4,8 40,24}"
+read -r soak_worlds soak_seconds <<< "${GPU_CHECK_SOAK:-4,8 60,30}"
 mkdir -p "$OUT"
 rm -rf "$OUT/bench" "$OUT/sweep" "$OUT/sanitize"  # the digest reads whatever bench.json it finds
 python=${PYTHON:-$(command -v python3 || command -v python)}
@@ -82,7 +82,7 @@ if [ "$sanitize" = 1 ]; then
     --timeout 150
 fi
 if [ "$soak" = 1 ]; then
-  stage soak 120 soak.log "$python" -m tests.gpu.soak --worlds "$soak_worlds" \
+  stage soak 130 soak.log "$python" -m tests.gpu.soak --worlds "$soak_worlds" \
     --seconds "$soak_seconds"
 fi
 if [ "$gpus" -ge 2 ]; then

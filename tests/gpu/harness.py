@@ -81,13 +81,15 @@ def make_inputs(
     g = torch.Generator(device=device).manual_seed(seed)
     tmax, hidden, k, e = spec.max_tokens_per_rank, spec.hidden, spec.num_topk, spec.num_experts
     local = e // world
-    values = torch.randn(world, tmax, hidden, generator=g, device=device)
+    # Drawn in bf16: every rank holds all ranks' inputs, so R ranks sharing one GPU hold
+    # R^2 copies of a layer's tokens.
+    values = torch.randn(world, tmax, hidden, generator=g, device=device, dtype=BF16)
     scales = None
     if spec.is_fp8:
         x = (values * 64).clamp(-448, 448).to(FP8)
         scales = torch.rand(world, tmax, hidden // SCALE_BLOCK, generator=g, device=device) + 0.5
     else:
-        x = values.to(BF16)
+        x = values
     if k <= e:
         uniform = torch.rand(world, tmax, e, generator=g, device=device).topk(k, dim=2).indices
     else:

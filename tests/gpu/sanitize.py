@@ -43,7 +43,7 @@ TOOL_FLAGS = {
     "memcheck": ["--leak-check", "no"],
     "racecheck": ["--racecheck-report", "all"],
     "synccheck": [],
-    "initcheck": ["--track-unused-memory", "no"],
+    "initcheck": [],
 }
 WORLD = 2
 WAIT_S = 240.0

@@ -6,7 +6,7 @@ into the mode's share of the time. Every received row and combined token is chec
 device. Prints one line per (R, mode) with calls, mismatching elements, seconds and calls
 per second (to size the next soak), then a `summary:` line; exits 1 on any mismatch.
 
-    python -m tests.gpu.soak --worlds 4,8 --seconds 40,24 --seed 1
+    python -m tests.gpu.soak --worlds 4,8 --seconds 60,30 --seed 1
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def _timed(soak: Soak, world: int, calls: int, seed: int) -> tuple[int, int, flo
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worlds", default="4,8", help="group sizes, comma-separated")
-    parser.add_argument("--seconds", default="40,24", help="seconds per group size")
+    parser.add_argument("--seconds", default="60,30", help="seconds per group size")
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args(argv)
     worlds = [int(v) for v in args.worlds.split(",")]

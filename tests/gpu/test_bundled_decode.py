@@ -224,8 +224,9 @@ def checked_call(
 
 def both_slots(bundled: Transport, inps: list[Inputs]) -> tuple[list[DispatchResult], dict]:
     """Both slots in flight with split phases: send 0, send 1, receive 1, receive 0, then
-    the combines (send 1, send 0, receive both). Returns the two dispatch results and the
-    combine outputs by slot."""
+    the combines (send 1, send 0, receive both). Returns copies of the two dispatch results
+    taken before the combines (a peer's next call, a graph replay's included, may reuse the
+    receive buffers once they are issued) and the combine outputs by slot."""
     rank = dist.get_rank()
     hooks = []
     for slot in (0, 1):
@@ -243,13 +244,14 @@ def both_slots(bundled: Transport, inps: list[Inputs]) -> tuple[list[DispatchRes
             )
         )
     results = [hooks[1](), hooks[0]()][::-1]
+    copies = [kept(r) for r in results]
     combine_hooks = []
     for slot in (1, 0):
         y = y_of(results[slot], rank, bundled.num_local_experts)
         combine_hooks.append(
             (slot, bundled.combine(y, results[slot].handle, slot=slot, return_recv_hook=True))
         )
-    return results, {slot: hook() for slot, hook in combine_hooks}
+    return copies, {slot: hook() for slot, hook in combine_hooks}
 
 
 # ------------------------------------------------------------------------- scenarios
@@ -439,15 +441,20 @@ def _layer_step(
     received rows taken before combine (as a layer consumes them): once combine is issued,
     a peer may start its next call and, in a replayed graph, reuse the same buffers."""
     res = bundled.dispatch(x, idx, w, x_scales=scales, expand=False, cpu_sync=False)
-    kept = DispatchResult(
+    y = y_of(res, bundled.rank, bundled.num_local_experts)
+    return kept(res), bundled.combine(y, res.handle)
+
+
+def kept(res: DispatchResult) -> DispatchResult:
+    """A copy of a decode result's received rows, ids, weights and counts (the handle
+    shared): taken before combine, it stays valid whatever the peers do next."""
+    return DispatchResult(
         res.recv_x.clone(),
         None if res.recv_scales is None else res.recv_scales.clone(),
         res.recv_topk_idx.clone(),
         res.recv_topk_weights.clone(),
         dataclasses.replace(res.handle, recv_counts=res.handle.recv_counts.clone()),
     )
-    y = y_of(res, bundled.rank, bundled.num_local_experts)
-    return kept, bundled.combine(y, res.handle)
 
 
 def _graph_case(world: int, spec: TransportSpec) -> list[str]:

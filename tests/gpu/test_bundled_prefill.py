@@ -268,7 +268,9 @@ def large_cases(
     for dtype, num_sms in ((BF16, 24), (FP8, sms)):
         spec = TransportSpec(tmax, hidden, topk, experts, dtype)
         try:
-            bundled = make_transport("bundled", spec, group, timeout_s=TIMEOUT_S, num_sms=num_sms)
+            bundled = make_transport(
+                "bundled", spec, group, timeout_s=TIMEOUT_S, num_sms=num_sms, modes=("prefill",)
+            )
         except RuntimeError as e:
             # Every rank fails alike: building fails before any peer mapping.
             return [

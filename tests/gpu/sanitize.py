@@ -7,11 +7,14 @@ of `recv_x` is specified and any read of an unwritten one is a finding); every r
 checked on the device, and the process exits 1 on a mismatch.
 
 Without `--workload`, runs that workload under each tool (memcheck, racecheck, synccheck,
-initcheck) at once, one log per tool in `--out`, and sorts each report's records into ours
-(naming our kernels, their sources or our library) and others (torch's and the runtime's
-start-up noise), printing both counts and the first line of every other record. Exits 1
-when a tool finds anything of ours, a run fails or times out, or a process's error count
-exceeds the records printed.
+initcheck) at once, with one report per tool and process in `--out`, and sorts the records
+into ours (naming our kernels, their sources or our library) and others (torch's and the
+runtime's start-up noise), printing both counts and the first line of every other record.
+initcheck cannot see memory that another process initialized: a read it reports at an
+address of a peer's symmetric buffer (zeroed by its owner before its handle went out;
+every rank writes its mappings to `--out`) is counted apart, as `peer`. Exits 1 when a tool
+finds anything else of ours, a run fails or times out, no report is found, or the error
+summaries count more errors than the records printed.
 
     python -m tests.gpu.sanitize --out gpu_out/sanitize
 """
@@ -33,7 +36,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from moe_plugin.transport import TransportSpec, make_transport
+from moe_plugin.transport import Transport, TransportSpec, make_transport
 from tests.gpu import test_bundled_decode as decode
 from tests.gpu import test_bundled_prefill as prefill
 from tests.gpu.harness import BF16, FP8, make_inputs, rank_device, release, rotate, run_on_ranks
@@ -56,6 +59,9 @@ RECORD = re.compile(r"^========= (\S.*)$")
 SUMMARY = re.compile(r"^========= (?:ERROR SUMMARY: (\d+) errors?|RACECHECK SUMMARY: .*)")
 NOT_FINDINGS = ("COMPUTE-SANITIZER", "Target application returned")
 WORKLOAD_LINE = re.compile(r"^workload: (\d+) calls per rank, 0 mismatching", re.M)
+ADDRESS = re.compile(r"Address (0x[0-9a-f]+)")
+MAPS_ENV = "MOE_PLUGIN_SANITIZE_MAPS"
+"""Folder where each workload rank writes its peer mappings, as `maps.<pid>`."""
 
 
 # ---------------------------------------------------------------------------- workload
@@ -66,6 +72,7 @@ def workload_worker(rank: int, world: int) -> tuple[int, int]:
     for dtype in (BF16, FP8):
         spec = TransportSpec(16, 256, 4, 4 * world, dtype)
         t = make_transport("bundled", spec, None, timeout_s=WAIT_S, decode_sms=2 * world)
+        record_peer_maps(t)
         inps = [make_inputs(spec, world, rotate([16, 5], world, s), seed=s) for s in range(2)]
         bad += decode.checked_call(t, inps[0], slot=0)
         bad += decode.checked_call(t, inps[1], slot=1, hooks=True)
@@ -85,6 +92,7 @@ def workload_worker(rank: int, world: int) -> tuple[int, int]:
 
         spec = TransportSpec(64, 256, 4, 4 * world, dtype)
         t = make_transport("bundled", spec, None, timeout_s=WAIT_S, num_sms=4)
+        record_peer_maps(t)
         inps = [
             make_inputs(spec, world, rotate([64, s], world, s), seed=20 + s, routing="mixed")
             for s in range(2)
@@ -102,6 +110,22 @@ def workload_worker(rank: int, world: int) -> tuple[int, int]:
     return int(bad), calls
 
 
+def record_peer_maps(t: Transport) -> None:
+    """Append the address ranges at which this process maps its peers' symmetric buffers
+    to `$MOE_PLUGIN_SANITIZE_MAPS/maps.<pid>` (nothing when the variable is unset)."""
+    folder = os.environ.get(MAPS_ENV)
+    if not folder:
+        return
+    with open(Path(folder) / f"maps.{os.getpid()}", "a") as f:
+        for path in (t._decode, t._prefill):  # type: ignore[attr-defined]
+            if path is None:
+                continue
+            buf = path.buffer
+            for r, address in enumerate(buf.peer_addresses):
+                if r != buf.rank:
+                    f.write(f"{address:#x} {address + buf.nbytes:#x}\n")
+
+
 def run_workload() -> int:
     per_rank = run_on_ranks(workload_worker, WORLD, timeout_s=WAIT_S * 3)
     bad = sum(r[0] for r in per_rank)
@@ -117,38 +141,86 @@ class Report:
 
     ours: list[str]
     others: list[str]
-    unprinted: int
+    peer: list[str]
+    counted: int
+    printed: int
+    summaries: int
+
+    @property
+    def unprinted(self) -> int:
+        """Errors the summaries count beyond the error records printed."""
+        return max(0, self.counted - self.printed)
 
 
-def parse_report(text: str) -> Report:
-    """Split a compute-sanitizer log into finding records (a `========= ` line and its
-    indented continuation lines) and sort them into ours and others."""
+def parse_report(text: str, peer_ranges: Sequence[tuple[int, int]] = ()) -> Report:
+    """Split a compute-sanitizer log of one process into finding records (a `========= `
+    line and its indented continuation lines) and sort them: initcheck reads at an address
+    in `peer_ranges` (this process's mappings of its peers' buffers) are `peer`, the rest
+    ours or others."""
     records: list[list[str]] = []
-    summed = 0
+    summed = summaries = 0
     for line in text.splitlines():
         summary = SUMMARY.match(line)
         if summary:
             summed += int(summary.group(1) or 0)
+            summaries += 1
             continue
         start = RECORD.match(line)
         if start and not start.group(1).startswith(NOT_FINDINGS):
             records.append([line])
         elif line.startswith("=========  ") and records:
             records[-1].append(line)
-    ours = [r[0] for r in records if any(OURS.search(x) for x in r)]
-    others = [r[0] for r in records if not any(OURS.search(x) for x in r)]
-    errors_printed = sum(1 for r in records if "Warning" not in r[0])
-    return Report(ours, others, max(0, summed - errors_printed))
+    peer = [r for r in records if _reads_peer_memory(r, peer_ranges)]
+    rest = [r for r in records if r not in peer]
+    ours = [r[0] for r in rest if any(OURS.search(x) for x in r)]
+    others = [r[0] for r in rest if not any(OURS.search(x) for x in r)]
+    printed = sum(1 for r in records if "Warning" not in r[0])
+    return Report(ours, others, [r[0] for r in peer], summed, printed, summaries)
+
+
+def _reads_peer_memory(record: list[str], peer_ranges: Sequence[tuple[int, int]]) -> bool:
+    if not record[0].startswith("========= Uninitialized __global__ memory read"):
+        return False
+    for line in record:
+        found = ADDRESS.search(line)
+        if found:
+            address = int(found.group(1), 16)
+            return any(start <= address < end for start, end in peer_ranges)
+    return False
+
+
+def tool_report(out: Path, tool: str) -> Report:
+    """The merged report of every process of one tool's run in `out`: its per-process logs
+    (with that process's peer mappings) and its standard output."""
+    parts = []
+    for log in sorted(out.glob(f"{tool}.*.log")):
+        maps = out / f"maps.{log.name.split('.')[1]}"
+        ranges = []
+        if maps.is_file():
+            for line in maps.read_text().split("\n"):
+                if line:
+                    start, end = line.split()
+                    ranges.append((int(start, 16), int(end, 16)))
+        parts.append(parse_report(log.read_text(errors="replace"), ranges))
+    parts.append(parse_report((out / f"{tool}.out").read_text(errors="replace")))
+    return Report(
+        [x for p in parts for x in p.ours],
+        [x for p in parts for x in p.others],
+        [x for p in parts for x in p.peer],
+        sum(p.counted for p in parts),
+        sum(p.printed for p in parts),
+        sum(p.summaries for p in parts),
+    )
 
 
 def run_tools(tools: Sequence[str], out: Path, timeout_s: float) -> int:
     """Every tool at once over the workload; prints a table; 0 when all is clean."""
     out.mkdir(parents=True, exist_ok=True)
     sanitizer = shutil.which("compute-sanitizer") or "/usr/local/cuda/bin/compute-sanitizer"
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **{MAPS_ENV: str(out)})
     runs = {}
     for tool in tools:
-        log = open(out / f"{tool}.log", "w")  # noqa: SIM115 - closed once the run ends
+        log = open(out / f"{tool}.out", "w")  # noqa: SIM115 - closed once the run ends
         cmd = [
             sanitizer,
             "--tool",
@@ -159,6 +231,8 @@ def run_tools(tools: Sequence[str], out: Path, timeout_s: float) -> int:
             "10000",
             "--require-cuda-init",
             "no",
+            "--log-file",
+            str(out / f"{tool}.%p.log"),
             *TOOL_FLAGS[tool],
             sys.executable,
             "-m",
@@ -180,27 +254,31 @@ def run_tools(tools: Sequence[str], out: Path, timeout_s: float) -> int:
             proc.wait()
             code = "timeout"
         log.close()
-        text = (out / f"{tool}.log").read_text(errors="replace")
-        report = parse_report(text)
-        done = WORKLOAD_LINE.search(text)
-        clean_run = code == 0 and done is not None
+        report = tool_report(out, tool)
+        done = WORKLOAD_LINE.search((out / f"{tool}.out").read_text(errors="replace"))
+        clean_run = code == 0 and done is not None and report.summaries > 0
         calls += int(done.group(1)) * WORLD if done else 0
         if report.ours or report.unprinted or not clean_run:
             failed += 1
         rows.append((tool, code, time.monotonic() - start, report))
         for line in report.others[:10]:
             print(f"  {tool} other: {line}")
-    print(f"{'tool':10} {'exit':>7} {'seconds':>8} {'ours':>5} {'others':>7} {'unprinted':>9}")
+    print(
+        f"{'tool':10} {'exit':>7} {'seconds':>8} {'ours':>5} {'others':>7} {'peer':>5} "
+        f"{'unprinted':>9} {'reports':>7}"
+    )
     for tool, code, seconds, report in rows:
         print(
             f"{tool:10} {code!s:>7} {seconds:8.0f} {len(report.ours):5d} "
-            f"{len(report.others):7d} {report.unprinted:9d}"
+            f"{len(report.others):7d} {len(report.peer):5d} {report.unprinted:9d} "
+            f"{report.summaries:7d}"
         )
         for line in report.ours[:10]:
             print(f"  ours: {line}")
     ours = sum(len(r.ours) + r.unprinted for *_, r in rows)
     others = sum(len(r.others) for *_, r in rows)
-    print(f"summary: cases={len(rows)} calls={calls} errors={ours} others={others}")
+    peer = sum(len(r.peer) for *_, r in rows)
+    print(f"summary: cases={len(rows)} calls={calls} errors={ours} others={others} peer={peer}")
     return 1 if failed else 0
 
 

@@ -7,14 +7,14 @@ of `recv_x` is specified and any read of an unwritten one is a finding); every r
 checked on the device, and the process exits 1 on a mismatch.
 
 Without `--workload`, runs that workload under each tool (memcheck, racecheck, synccheck,
-initcheck) at once, with one report per tool and process in `--out`, and sorts the records
-into ours (naming our kernels, their sources or our library) and others (torch's and the
-runtime's start-up noise), printing both counts and the first line of every other record.
-initcheck cannot see memory that another process initialized: a read it reports at an
-address of a peer's symmetric buffer (zeroed by its owner before its handle went out;
-every rank writes its mappings to `--out`) is counted apart, as `peer`. Exits 1 when a tool
-finds anything else of ours, a run fails or times out, no report is found, or the error
-summaries count more errors than the records printed.
+initcheck) at once, one log per tool in `--out`, and sorts the records into ours (naming
+our kernels, their sources or our library) and others (torch's and the runtime's start-up
+noise), printing both counts and the first line of every other record. initcheck cannot
+see memory that another process initialized: a read it reports at an address where a rank
+maps a peer's symmetric buffer (zeroed by its owner before its handle went out; the ranks
+write those ranges to `--out`) is counted apart, as `peer`. Exits 1 when a tool finds
+anything else of ours, a run fails or times out, no summary is found, or the summaries
+count more errors than the records printed.
 
     python -m tests.gpu.sanitize --out gpu_out/sanitize
 """
@@ -61,7 +61,7 @@ NOT_FINDINGS = ("COMPUTE-SANITIZER", "Target application returned")
 WORKLOAD_LINE = re.compile(r"^workload: (\d+) calls per rank, 0 mismatching", re.M)
 ADDRESS = re.compile(r"Address (0x[0-9a-f]+)")
 MAPS_ENV = "MOE_PLUGIN_SANITIZE_MAPS"
-"""Folder where each workload rank writes its peer mappings, as `maps.<pid>`."""
+"""File to which each workload rank appends its peer mappings, one `start end` a line."""
 
 
 # ---------------------------------------------------------------------------- workload
@@ -112,11 +112,11 @@ def workload_worker(rank: int, world: int) -> tuple[int, int]:
 
 def record_peer_maps(t: Transport) -> None:
     """Append the address ranges at which this process maps its peers' symmetric buffers
-    to `$MOE_PLUGIN_SANITIZE_MAPS/maps.<pid>` (nothing when the variable is unset)."""
-    folder = os.environ.get(MAPS_ENV)
-    if not folder:
+    to the file `$MOE_PLUGIN_SANITIZE_MAPS` (nothing when the variable is unset)."""
+    path = os.environ.get(MAPS_ENV)
+    if not path:
         return
-    with open(Path(folder) / f"maps.{os.getpid()}", "a") as f:
+    with open(path, "a") as f:
         for path in (t._decode, t._prefill):  # type: ignore[attr-defined]
             if path is None:
                 continue
@@ -190,37 +190,26 @@ def _reads_peer_memory(record: list[str], peer_ranges: Sequence[tuple[int, int]]
 
 
 def tool_report(out: Path, tool: str) -> Report:
-    """The merged report of every process of one tool's run in `out`: its per-process logs
-    (with that process's peer mappings) and its standard output."""
-    parts = []
-    for log in sorted(out.glob(f"{tool}.*.log")):
-        maps = out / f"maps.{log.name.split('.')[1]}"
-        ranges = []
-        if maps.is_file():
-            for line in maps.read_text().split("\n"):
-                if line:
-                    start, end = line.split()
-                    ranges.append((int(start, 16), int(end, 16)))
-        parts.append(parse_report(log.read_text(errors="replace"), ranges))
-    parts.append(parse_report((out / f"{tool}.out").read_text(errors="replace")))
-    return Report(
-        [x for p in parts for x in p.ours],
-        [x for p in parts for x in p.others],
-        [x for p in parts for x in p.peer],
-        sum(p.counted for p in parts),
-        sum(p.printed for p in parts),
-        sum(p.summaries for p in parts),
-    )
+    """The report of one tool's run in `out` (`<tool>.log`), with the peer mappings of all
+    its ranks (`<tool>.maps`): the log does not say which process a record comes from."""
+    ranges = []
+    maps = out / f"{tool}.maps"
+    if maps.is_file():
+        for line in maps.read_text().splitlines():
+            start, end = line.split()
+            ranges.append((int(start, 16), int(end, 16)))
+    return parse_report((out / f"{tool}.log").read_text(errors="replace"), ranges)
 
 
 def run_tools(tools: Sequence[str], out: Path, timeout_s: float) -> int:
     """Every tool at once over the workload; prints a table; 0 when all is clean."""
     out.mkdir(parents=True, exist_ok=True)
     sanitizer = shutil.which("compute-sanitizer") or "/usr/local/cuda/bin/compute-sanitizer"
-    env = dict(os.environ, PYTHONUNBUFFERED="1", **{MAPS_ENV: str(out)})
     runs = {}
     for tool in tools:
-        log = open(out / f"{tool}.out", "w")  # noqa: SIM115 - closed once the run ends
+        (out / f"{tool}.maps").unlink(missing_ok=True)
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **{MAPS_ENV: str(out / f"{tool}.maps")})
+        log = open(out / f"{tool}.log", "w")  # noqa: SIM115 - closed once the run ends
         cmd = [
             sanitizer,
             "--tool",
@@ -231,8 +220,6 @@ def run_tools(tools: Sequence[str], out: Path, timeout_s: float) -> int:
             "10000",
             "--require-cuda-init",
             "no",
-            "--log-file",
-            str(out / f"{tool}.%p.log"),
             *TOOL_FLAGS[tool],
             sys.executable,
             "-m",
@@ -255,7 +242,7 @@ def run_tools(tools: Sequence[str], out: Path, timeout_s: float) -> int:
             code = "timeout"
         log.close()
         report = tool_report(out, tool)
-        done = WORKLOAD_LINE.search((out / f"{tool}.out").read_text(errors="replace"))
+        done = WORKLOAD_LINE.search((out / f"{tool}.log").read_text(errors="replace"))
         clean_run = code == 0 and done is not None and report.summaries > 0
         calls += int(done.group(1)) * WORLD if done else 0
         if report.ours or report.unprinted or not clean_run:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import random
 from collections.abc import Callable
 from typing import Any
 
@@ -119,6 +120,24 @@ def rank_device() -> torch.device:
     return torch.device("cpu")
 
 
+def soak_inputs(
+    spec: TransportSpec, world: int, rng: random.Random, seed: int, routing: str
+) -> list[Inputs]:
+    """Inputs of two calls (seeds `seed`, `seed + 1`): each rank's T drawn by `rng` from 0,
+    a uniform pick in [1, Tmax] and Tmax."""
+    tmax = spec.max_tokens_per_rank
+    return [
+        make_inputs(
+            spec,
+            world,
+            [rng.choice([0, rng.randint(1, tmax), tmax]) for _ in range(world)],
+            seed=seed + s,
+            routing=routing,
+        )
+        for s in range(2)
+    ]
+
+
 def y_of(result: DispatchResult, rank: int, local: int) -> torch.Tensor:
     """The toy experts' output for the received rows: sum over choices of weight *
     expert_scale(global id) * row, in fp32, as bf16; NaN on rows without a local expert
@@ -159,6 +178,48 @@ def build_pair(
     """(bundled transport with TIMEOUT_S and `kw`, torch transport) on `group`."""
     bundled = make_transport("bundled", spec, group, timeout_s=TIMEOUT_S, **kw)
     return bundled, make_transport("torch", spec, group)
+
+
+def both_slots(
+    t: Transport,
+    inps: list[Inputs],
+    *,
+    expand: bool,
+    alignment: int = 1,
+    keep: Callable[[DispatchResult], DispatchResult] | None = None,
+) -> tuple[list[DispatchResult], dict[int, torch.Tensor]]:
+    """Both slots in flight with split phases, collective: send 0, send 1, receive 1,
+    receive 0, then the combines of the toy experts' outputs (send 1, send 0, receive
+    both). Returns the dispatch results (passed through `keep` before any combine is
+    issued: once it is, a peer's next call may reuse the receive buffers) and the combine
+    outputs by slot. Expanded calls use `cpu_sync=True` and `alignment`."""
+    rank = dist.get_rank()
+    hooks = []
+    for slot in (0, 1):
+        x, idx, w, scales = inps[slot].of(rank)
+        hooks.append(
+            t.dispatch(
+                x,
+                idx,
+                w,
+                x_scales=scales,
+                expand=expand,
+                cpu_sync=expand,
+                slot=slot,
+                expert_alignment=alignment,
+                return_recv_hook=True,
+            )
+        )
+    second = hooks[1]()
+    results = [hooks[0](), second]
+    kept = [keep(r) for r in results] if keep is not None else results
+    combine_hooks = []
+    for slot in (1, 0):
+        y = y_of(results[slot], rank, t.num_local_experts)
+        combine_hooks.append(
+            (slot, t.combine(y, results[slot].handle, slot=slot, return_recv_hook=True))
+        )
+    return kept, {slot: hook() for slot, hook in combine_hooks}
 
 
 def release(*transports: Transport) -> None:

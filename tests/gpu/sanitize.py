@@ -39,7 +39,16 @@ import torch.distributed as dist
 from moe_plugin.transport import Transport, TransportSpec, make_transport
 from tests.gpu import test_bundled_decode as decode
 from tests.gpu import test_bundled_prefill as prefill
-from tests.gpu.harness import BF16, FP8, make_inputs, rank_device, release, rotate, run_on_ranks
+from tests.gpu.harness import (
+    BF16,
+    FP8,
+    both_slots,
+    make_inputs,
+    rank_device,
+    release,
+    rotate,
+    run_on_ranks,
+)
 
 TOOLS = ("memcheck", "racecheck", "synccheck", "initcheck")
 TOOL_FLAGS = {
@@ -76,7 +85,7 @@ def workload_worker(rank: int, world: int) -> tuple[int, int]:
         inps = [make_inputs(spec, world, rotate([16, 5], world, s), seed=s) for s in range(2)]
         bad += decode.checked_call(t, inps[0], slot=0)
         bad += decode.checked_call(t, inps[1], slot=1, hooks=True)
-        results, outs = decode.both_slots(t, inps)
+        results, outs = both_slots(t, inps, expand=False, keep=decode.kept)
         for slot in (0, 1):
             bad += decode.receive_mismatches(
                 results[slot], decode.expected_receive(inps[slot], rank)
@@ -99,7 +108,7 @@ def workload_worker(rank: int, world: int) -> tuple[int, int]:
         ]
         bad += prefill.checked_call(t, inps[0], slot=0)
         bad += prefill.checked_call(t, inps[1], slot=1, hook=True)
-        results, outs = prefill.both_slots(t, inps, alignment=1)
+        results, outs = both_slots(t, inps, expand=True)
         for slot in (0, 1):
             bad += prefill.expected_mismatches(results[slot], inps[slot], 1)
             bad += prefill.combine_mismatches(outs[slot], inps[slot], rank, prefill.ROUNDINGS)

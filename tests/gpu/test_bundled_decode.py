@@ -29,6 +29,7 @@ from tests.gpu.harness import (
     Inputs,
     Scenario,
     assert_clean,
+    both_slots,
     build_pair,
     combine_mismatches,
     dropped_ids_errors,
@@ -39,6 +40,7 @@ from tests.gpu.harness import (
     release,
     repeats,
     rotate,
+    soak_inputs,
     timeout_errors,
     y_of,
 )
@@ -222,38 +224,6 @@ def checked_call(
     return bad + combine_mismatches(out() if hooks else out, inp, rank, ROUNDINGS)
 
 
-def both_slots(bundled: Transport, inps: list[Inputs]) -> tuple[list[DispatchResult], dict]:
-    """Both slots in flight with split phases: send 0, send 1, receive 1, receive 0, then
-    the combines (send 1, send 0, receive both). Returns copies of the two dispatch results
-    taken before the combines (a peer's next call, a graph replay's included, may reuse the
-    receive buffers once they are issued) and the combine outputs by slot."""
-    rank = dist.get_rank()
-    hooks = []
-    for slot in (0, 1):
-        x, idx, w, scales = inps[slot].of(rank)
-        hooks.append(
-            bundled.dispatch(
-                x,
-                idx,
-                w,
-                x_scales=scales,
-                expand=False,
-                cpu_sync=False,
-                slot=slot,
-                return_recv_hook=True,
-            )
-        )
-    results = [hooks[1](), hooks[0]()][::-1]
-    copies = [kept(r) for r in results]
-    combine_hooks = []
-    for slot in (1, 0):
-        y = y_of(results[slot], rank, bundled.num_local_experts)
-        combine_hooks.append(
-            (slot, bundled.combine(y, results[slot].handle, slot=slot, return_recv_hook=True))
-        )
-    return copies, {slot: hook() for slot, hook in combine_hooks}
-
-
 # ------------------------------------------------------------------------- scenarios
 def scenario_presets(world: int) -> list[str]:
     """The three model shapes, bf16 and fp8, T in {0, 1, 7, 128, Tmax} across ranks."""
@@ -361,7 +331,7 @@ def scenario_slots_and_hooks(world: int) -> list[str]:
             make_inputs(spec, world, token_mix(world, 64, it + s), seed=100 + 2 * it + s)
             for s in range(2)
         ]
-        results, outs = both_slots(bundled, inps)
+        results, outs = both_slots(bundled, inps, expand=False, keep=kept)
         for slot in (0, 1):
             x, idx, w, scales = inps[slot].of(rank)
             want = ref.dispatch(x, idx, w, x_scales=scales, expand=False, cpu_sync=False)
@@ -501,18 +471,9 @@ def decode_soak(world: int, calls: int, seed: int) -> tuple[int, int]:
             bad += layer.replay_mismatches(bundled, call_seed, routing)
             done += 1
             continue
-        inps = [
-            make_inputs(
-                spec,
-                world,
-                [rng.choice([0, rng.randint(1, tmax), tmax]) for _ in range(world)],
-                seed=call_seed + s,
-                routing=routing,
-            )
-            for s in range(2)
-        ]
+        inps = soak_inputs(spec, world, rng, call_seed, routing)
         if kind < 0.5:
-            results, outs = both_slots(bundled, inps)
+            results, outs = both_slots(bundled, inps, expand=False, keep=kept)
             for slot in (0, 1):
                 bad += receive_mismatches(results[slot], expected_receive(inps[slot], rank))
                 bad += combine_mismatches(outs[slot], inps[slot], rank, ROUNDINGS)

@@ -26,6 +26,7 @@ from tests.gpu.harness import (
     Inputs,
     Scenario,
     assert_clean,
+    both_slots,
     build_pair,
     combine_mismatches,
     dropped_ids_errors,
@@ -35,6 +36,7 @@ from tests.gpu.harness import (
     release,
     repeats,
     rotate,
+    soak_inputs,
     timeout_errors,
     y_of,
 )
@@ -212,40 +214,6 @@ def checked_call(
     return bad + combine_mismatches(out, inp, dist.get_rank(), ROUNDINGS)
 
 
-def both_slots(
-    bundled: Transport, inps: list[Inputs], alignment: int
-) -> tuple[list[DispatchResult], dict[int, torch.Tensor]]:
-    """Both slots in flight with split phases: send 0, send 1, receive 1, receive 0, then
-    the combines (send 1, send 0, receive both). Returns the two dispatch results and the
-    combine outputs by slot."""
-    rank = dist.get_rank()
-    hooks = []
-    for slot in (0, 1):
-        x, idx, w, scales = inps[slot].of(rank)
-        hooks.append(
-            bundled.dispatch(
-                x,
-                idx,
-                w,
-                x_scales=scales,
-                expand=True,
-                cpu_sync=True,
-                slot=slot,
-                expert_alignment=alignment,
-                return_recv_hook=True,
-            )
-        )
-    second = hooks[1]()
-    results = [hooks[0](), second]
-    combine_hooks = []
-    for slot in (1, 0):
-        y = y_of(results[slot], rank, bundled.num_local_experts)
-        combine_hooks.append(
-            (slot, bundled.combine(y, results[slot].handle, slot=slot, return_recv_hook=True))
-        )
-    return results, {slot: hook() for slot, hook in combine_hooks}
-
-
 def one_expert(inp: Inputs, every_choice: bool) -> Inputs:
     """Every token of every rank to one expert: in its first choice only (the rest -1), or
     in every choice (a token listing the same expert K times sends K rows)."""
@@ -382,7 +350,7 @@ def scenario_slots_and_hooks(world: int) -> list[str]:
                 )
                 for s in range(2)
             ]
-            results, outs = both_slots(bundled, inps, alignment=16)
+            results, outs = both_slots(bundled, inps, expand=True, alignment=16)
             for slot in (0, 1):
                 want = dispatch(ref, inps[slot], alignment=16)
                 errors += compare_expanded(results[slot], want, f"{dtype} iter {it} slot {slot}")
@@ -422,18 +390,9 @@ def prefill_soak(world: int, calls: int, seed: int) -> tuple[int, int]:
         routing = rng.choice(["uniform", "skewed", "skewed", "mixed"])
         alignment = rng.choice([1, 1, 4, 128])
         call_seed = rng.randrange(1 << 30)
-        inps = [
-            make_inputs(
-                spec,
-                world,
-                [rng.choice([0, rng.randint(1, tmax), tmax]) for _ in range(world)],
-                seed=call_seed + s,
-                routing=routing,
-            )
-            for s in range(2)
-        ]
+        inps = soak_inputs(spec, world, rng, call_seed, routing)
         if rng.random() < 0.3:
-            results, outs = both_slots(t, inps, alignment)
+            results, outs = both_slots(t, inps, expand=True, alignment=alignment)
             for slot in (0, 1):
                 bad += expected_mismatches(results[slot], inps[slot], alignment)
                 bad += combine_mismatches(outs[slot], inps[slot], rank, ROUNDINGS)

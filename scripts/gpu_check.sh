@@ -10,9 +10,10 @@
 # Usage: bash scripts/gpu_check.sh [--no-tests] [--no-sanitize] [--no-soak] [--no-sweep]
 #                                  [-- BENCH_ARGS...]
 #   BENCH_ARGS   passed on to both `python -m moe_plugin.bench` runs (after their own)
-# Environment: GPU_CHECK_BUDGET_S (default 480 s for all stages), GPU_CHECK_WORLDS (group
-# sizes of the GPU tests, default 2,4,8), GPU_CHECK_SOAK ("WORLDS SECONDS", default
-# "4,8 60,30"). Every stage runs under a time limit: at most its own cap and what is left of
+# Environment: GPU_CHECK_BUDGET_S (seconds for all stages; default 480 on one GPU, 570 with
+# a GPU per rank, where the benchmark runs too), GPU_CHECK_WORLDS (group sizes of the GPU
+# tests, default 2,4,8), GPU_CHECK_SOAK ("WORLDS SECONDS"; default "4,8 60,30" on one GPU,
+# "4,8 30,20" with more, where calls are much faster). Every stage runs under a time limit: at most its own cap and what is left of
 # the budget, so the table is always printed; a stage with under 20 s left is skipped. Logs
 # go to $OUT (default ./gpu_out). A failed stage does not stop the later ones; the exit
 # status is non-zero if any stage failed, timed out or was skipped for the budget.
@@ -37,12 +38,16 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 export OUT=${OUT:-$PWD/gpu_out}
 export MOE_PLUGIN_TEST_WORLDS=${GPU_CHECK_WORLDS:-2,4,8}
-read -r soak_worlds soak_seconds <<< "${GPU_CHECK_SOAK:-4,8 60,30}"
 mkdir -p "$OUT"
 rm -rf "$OUT/bench" "$OUT/sweep" "$OUT/sanitize"  # the digest reads whatever bench.json it finds
 python=${PYTHON:-$(command -v python3 || command -v python)}
-budget=${GPU_CHECK_BUDGET_S:-480}
 gpus=$("$python" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+if [ "$gpus" -ge 2 ]; then
+  budget=${GPU_CHECK_BUDGET_S:-570} soak_default="4,8 30,20"
+else
+  budget=${GPU_CHECK_BUDGET_S:-480} soak_default="4,8 60,30"
+fi
+read -r soak_worlds soak_seconds <<< "${GPU_CHECK_SOAK:-$soak_default}"
 
 declare -A status seconds
 stages=()
@@ -75,7 +80,7 @@ SECONDS=0
   > "$OUT/machine.log" 2>&1
 stage build 120 build.log "$python" -m moe_plugin.kernels.build
 if [ "$tests" = 1 ]; then
-  stage tests 270 gpu_tests.log "$python" -m pytest -m gpu -q tests/gpu
+  stage tests 300 gpu_tests.log "$python" -m pytest -m gpu -q tests/gpu
 fi
 if [ "$sanitize" = 1 ]; then
   stage sanitize 170 sanitize.log "$python" -m tests.gpu.sanitize --out "$OUT/sanitize" \
@@ -89,12 +94,12 @@ if [ "$gpus" -ge 2 ]; then
   stage bench 120 bench.log "$python" -m moe_plugin.bench --preset deepseek-v3 --mode all \
     --num-sms 24,all --out "$OUT/bench" "${bench_args[@]}"
   if [ "$sweep" = 1 ]; then
-    stage sweep 120 sweep.log "$python" -m moe_plugin.bench --preset deepseek-v3 --mode all \
+    stage sweep 90 sweep.log "$python" -m moe_plugin.bench --preset deepseek-v3 --mode all \
       --dtypes bf16 --decode-tokens 1,2,4,8,16,32,64,128,256 --prefill-tokens 4096 \
       --num-sms 8,16,24,32,64,all --iters 50 --warmup 5 --out "$OUT/sweep" "${bench_args[@]}"
   fi
 else
-  not_run bench "$gpus GPU(s): ranks would share one, and shared GPUs give no timings"
+  not_run bench "$gpus GPU(s) visible: it times only a GPU per rank, never shared GPUs"
 fi
 
 counts() {  # counts NAME: "cases calls errors" of a stage, from its log

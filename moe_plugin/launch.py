@@ -1,7 +1,9 @@
 """Run one function on N processes of one host, each in a torch.distributed group.
 
-One process per GPU with NCCL where GPUs are present (and `backend` is not forced),
-else N CPU processes with gloo. Used by the benchmark, the demo and the tests.
+Where CUDA GPUs are visible, rank r runs on GPU r mod (visible GPUs): one process per GPU
+with NCCL when there are enough GPUs, else ranks share GPUs and the group is gloo (NCCL
+refuses two ranks on one device). Without GPUs, N CPU processes with gloo. Used by the
+benchmark, the demo and the tests.
 """
 
 from __future__ import annotations
@@ -19,9 +21,31 @@ import torch.multiprocessing as mp
 Worker = Callable[..., Any]
 
 
-def default_backend() -> str:
-    """'nccl' when CUDA GPUs are visible, else 'gloo'."""
-    return "nccl" if torch.cuda.is_available() else "gloo"
+def visible_gpus() -> int:
+    """The number of visible CUDA GPUs (0 without CUDA)."""
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def gpu_of(rank: int, gpus: int) -> int:
+    """The GPU index rank `rank` runs on when `gpus` (> 0) GPUs are visible: round-robin."""
+    if gpus < 1:
+        raise ValueError(f"gpus must be positive, got {gpus}")
+    return rank % gpus
+
+
+def ranks_share_gpus(nprocs: int, gpus: int | None = None) -> bool:
+    """True when `nprocs` ranks placed round-robin on `gpus` GPUs (default: the visible
+    ones) put two ranks on one GPU; False without GPUs."""
+    gpus = visible_gpus() if gpus is None else gpus
+    return gpus > 0 and nprocs > gpus
+
+
+def default_backend(nprocs: int | None = None) -> str:
+    """'nccl' when CUDA GPUs are visible and each of `nprocs` ranks (default: one per GPU)
+    has a GPU of its own; 'gloo' without GPUs or when ranks share a GPU."""
+    if visible_gpus() == 0:
+        return "gloo"
+    return "gloo" if nprocs is not None and ranks_share_gpus(nprocs) else "nccl"
 
 
 def default_nprocs() -> int:
@@ -36,11 +60,18 @@ def run_workers(
     values they return, indexed by rank.
 
     Each process has joined the default process group (`backend`, default
-    `default_backend()`) and, with NCCL, set its CUDA device to its rank. `fn` and `args`
-    must be picklable. Raises RuntimeError naming the rank if a process fails, and
-    TimeoutError (after killing them all) if they are not done within `timeout_s`.
+    `default_backend(nprocs)`) and, where GPUs are visible, set its CUDA device to
+    `gpu_of(rank, visible_gpus())`. `fn` and `args` must be picklable. Raises ValueError
+    for NCCL on ranks that would share a GPU, RuntimeError naming the rank if a process
+    fails, and TimeoutError (after killing them all) if they are not done within
+    `timeout_s`.
     """
-    backend = backend or default_backend()
+    backend = backend or default_backend(nprocs)
+    if backend == "nccl" and ranks_share_gpus(nprocs):
+        raise ValueError(
+            f"backend nccl needs a GPU per rank: {nprocs} ranks on {visible_gpus()} GPUs "
+            "would share one (use gloo)"
+        )
     ctx = mp.get_context("spawn")
     results = ctx.SimpleQueue()
     port = _free_port()
@@ -101,10 +132,15 @@ def _worker_main(
         LOCAL_RANK=str(rank),
     )
     try:
+        gpus = visible_gpus()
+        if gpus:
+            torch.cuda.set_device(gpu_of(rank, gpus))
         if backend == "nccl":
-            torch.cuda.set_device(rank)
             dist.init_process_group(
-                backend, rank=rank, world_size=world_size, device_id=torch.device("cuda", rank)
+                backend,
+                rank=rank,
+                world_size=world_size,
+                device_id=torch.device("cuda", gpu_of(rank, gpus)),
             )
         else:
             dist.init_process_group(backend, rank=rank, world_size=world_size)

@@ -1,5 +1,6 @@
 """`run_workers`: values come back by rank; a failing, dying or hung rank is reported by
-number instead of hanging the caller."""
+number instead of hanging the caller; ranks go round-robin on the GPUs, and ranks sharing
+one never get NCCL."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from moe_plugin.launch import run_workers
+from moe_plugin import launch
+from moe_plugin.launch import default_backend, gpu_of, ranks_share_gpus, run_workers
 
 
 def sum_of_ranks(rank: int, world: int, offset: int) -> tuple[int, int, int, str]:
@@ -71,3 +73,23 @@ def test_times_out_on_a_hung_rank() -> None:
     assert missing is not None, str(info.value)
     assert "1" in missing.group(1).split(", ")
     assert elapsed < 12 + 30, f"run_workers took {elapsed:.0f} s to give up"
+
+
+def test_ranks_go_round_robin_on_the_gpus() -> None:
+    assert [gpu_of(r, 1) for r in range(4)] == [0, 0, 0, 0]
+    assert [gpu_of(r, 2) for r in range(4)] == [0, 1, 0, 1]
+    assert [gpu_of(r, 8) for r in range(8)] == list(range(8))
+    with pytest.raises(ValueError, match="gpus must be positive, got 0"):
+        gpu_of(0, 0)
+
+
+def test_sharing_and_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert not ranks_share_gpus(8, 0)  # CPU processes share nothing
+    assert not ranks_share_gpus(4, 4) and ranks_share_gpus(8, 4) and ranks_share_gpus(2, 1)
+    monkeypatch.setattr(launch, "visible_gpus", lambda: 0)
+    assert default_backend() == default_backend(8) == "gloo"
+    monkeypatch.setattr(launch, "visible_gpus", lambda: 2)
+    assert default_backend() == default_backend(2) == "nccl"
+    assert default_backend(4) == "gloo"
+    with pytest.raises(ValueError, match="nccl needs a GPU per rank: 4 ranks on 2 GPUs"):
+        run_workers(sum_of_ranks, 4, 0, backend="nccl")

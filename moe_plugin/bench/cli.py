@@ -39,7 +39,7 @@ from moe_plugin.bench.digest import format_digest
 from moe_plugin.bench.plot import write_plot
 from moe_plugin.bench.report import format_summary, format_tables, result_rows, write_json
 from moe_plugin.bench.worker import bench_worker
-from moe_plugin.launch import default_backend, default_nprocs, run_workers
+from moe_plugin.launch import default_backend, default_nprocs, ranks_share_gpus, run_workers
 from moe_plugin.transport import TRANSPORT_NAMES
 
 # NVLink multicast stays off everywhere; the spawned ranks inherit these.
@@ -279,8 +279,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ.setdefault(key, value)
     on_gpu = torch.cuda.is_available()
     nprocs = args.nprocs or default_nprocs()
-    if on_gpu and nprocs > torch.cuda.device_count():
-        raise SystemExit(f"--nprocs {nprocs}: only {torch.cuda.device_count()} GPUs visible")
+    if on_gpu and ranks_share_gpus(nprocs):
+        raise SystemExit(
+            f"--nprocs {nprocs}: only {torch.cuda.device_count()} GPUs visible, so ranks would "
+            "share a GPU; the benchmark times one rank per GPU only (time-sliced ranks give "
+            "meaningless numbers)"
+        )
     cfg = make_config(args, on_gpu)
     backend = default_backend()
     print(

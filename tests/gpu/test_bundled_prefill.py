@@ -1,11 +1,12 @@
-"""The bundled transport's prefill path (expanded, `cpu_sync=True`) on all GPUs of the
-host, one process each (NCCL): dispatch bit for bit against the torch transport (rows,
-scales, ids, weights, per-expert and per-source counts), combine within bf16 rounding of
-the dense fp32 sum, and a long random soak checked on the device against a vectorized
-reference.
+"""The bundled transport's prefill path (expanded, `cpu_sync=True`) on R = 2, 4 and 8 ranks
+placed on the visible GPUs (sharing them where there are fewer): dispatch bit for bit
+against the torch transport (NCCL, or gloo on shared GPUs) and, for large and soak calls,
+a vectorized device-side reference (rows, scales, ids, weights, per-expert and per-source
+counts); combine within bf16 rounding of the dense fp32 sum.
 
-One spawn runs every scenario; mismatches are collected rather than raised so all ranks
-keep making the same calls.
+One spawn per R runs every scenario; mismatches are collected rather than raised so all
+ranks keep making the same calls. `prefill_soak` also serves the soak of
+scripts/gpu_check.sh (tests/gpu/soak.py).
 """
 
 from __future__ import annotations
@@ -24,35 +25,31 @@ from tests.gpu.harness import (
     TIMEOUT_S,
     Inputs,
     Scenario,
+    assert_clean,
+    both_slots,
     build_pair,
+    combine_mismatches,
+    dropped_ids_errors,
     make_inputs,
-    outcomes_of,
+    outcomes_fixture,
+    rank_device,
+    release,
+    repeats,
+    rotate,
+    soak_inputs,
+    timeout_errors,
     y_of,
 )
-from tests.reference import dequantize, expert_scale
 
 pytestmark = pytest.mark.gpu
 
 DEEPSEEK = (7168, 256, 8)  # hidden, experts, topk
+ROUNDINGS = 3
+"""bf16 roundings between the dense sum and combine's output: the expert's row, the expert
+side's partial sum (one bf16 row per (token, rank) goes back), and the final sum."""
 
 
 # ------------------------------------------------------------------------- helpers
-def combine_mismatches(out: torch.Tensor, inp: Inputs, rank: int) -> torch.Tensor:
-    """Elements of `out` farther from the dense fp32 sum than three bf16 roundings allow
-    (unit roundoff 2^-8 each, relative to the sum of the terms' magnitudes): the expert's
-    row, the expert side's partial sum (one bf16 row per (token, rank) goes back), and the
-    final sum. Tokens with no expert must be exactly zero. Device int64 scalar, no sync."""
-    spec = inp.spec
-    x, idx, w, scales = inp.of(rank)
-    idx = torch.where((idx >= -1) & (idx < spec.num_experts), idx, -1)
-    coef = torch.where(idx >= 0, w * expert_scale(idx.clamp(min=0)), 0.0)
-    values = dequantize(x, scales)
-    dense = coef.sum(dim=1, keepdim=True) * values
-    bound = coef.abs().sum(dim=1, keepdim=True) * values.abs() * 3 * 2.0**-8
-    bad = ((out.float() - dense).abs() > bound) | ~torch.isfinite(out.float())
-    return bad.sum() + (out.shape[0] != x.shape[0])
-
-
 def dispatch(
     t: Transport, inp: Inputs, *, slot: int = 0, alignment: int = 1, hook: bool = False
 ) -> DispatchResult:
@@ -145,7 +142,7 @@ def against_torch(
     errors = compare_expanded(got, want, what)
     out = combine(bundled, got, slot=slot, hook=hook)
     combine(ref, want)
-    bad = int(combine_mismatches(out, inp, dist.get_rank()))
+    bad = int(combine_mismatches(out, inp, dist.get_rank(), ROUNDINGS))
     if bad:
         errors.append(f"{what}: combine off the dense sum in {bad} elements")
     return errors
@@ -206,13 +203,15 @@ def expected_mismatches(res: DispatchResult, inp: Inputs, alignment: int) -> tor
     return bad
 
 
-def release(*transports: Transport) -> None:
-    for t in transports:
-        t.destroy()
-
-
-def rotate(values: list[int], world: int, shift: int) -> list[int]:
-    return [values[(r + shift) % len(values)] for r in range(world)]
+def checked_call(
+    t: Transport, inp: Inputs, *, slot: int = 0, alignment: int = 1, hook: bool = False
+) -> torch.Tensor:
+    """One dispatch + combine of this rank's part of `inp`, checked on the device against
+    the vectorized reference: mismatching elements (device int64 scalar, no host sync)."""
+    res = dispatch(t, inp, slot=slot, alignment=alignment, hook=hook)
+    bad = expected_mismatches(res, inp, alignment)
+    out = combine(t, res, slot=slot, hook=hook)
+    return bad + combine_mismatches(out, inp, dist.get_rank(), ROUNDINGS)
 
 
 def one_expert(inp: Inputs, every_choice: bool) -> Inputs:
@@ -230,30 +229,31 @@ def large_cases(
 ) -> list[str]:
     """deepseek-v3 shapes on `group` (`world` ranks, this rank's group rank = global rank):
     bf16 with num_sms 24 and fp8 with every SM, alignment 1 then 128, one call per token
-    set."""
+    set, checked on the device (a host-staged reference would dominate the run)."""
     errors = []
     hidden, experts, topk = DEEPSEEK
     sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
     for dtype, num_sms in ((BF16, 24), (FP8, sms)):
         spec = TransportSpec(tmax, hidden, topk, experts, dtype)
         try:
-            bundled = make_transport("bundled", spec, group, timeout_s=TIMEOUT_S, num_sms=num_sms)
+            bundled = make_transport(
+                "bundled", spec, group, timeout_s=TIMEOUT_S, num_sms=num_sms, modes=("prefill",)
+            )
         except RuntimeError as e:
             # Every rank fails alike: building fails before any peer mapping.
             return [
                 f"building a BundledTransport with max_tokens_per_rank={tmax} on "
                 f"{world} ranks failed: {e}"
             ]
-        ref = make_transport("torch", spec, group)
         for n, tokens in enumerate(token_sets):
             alignment = (1, 128)[n % 2]
             inp = make_inputs(spec, world, tokens, seed=10 + n)
-            errors += against_torch(
-                bundled, ref, inp, f"{dtype} T{tokens} align {alignment}", alignment=alignment
-            )
+            bad = int(checked_call(bundled, inp, alignment=alignment))
+            if bad:
+                errors.append(f"{dtype} T{tokens} align {alignment}: {bad} mismatches")
             del inp
         bundled.check()
-        release(bundled, ref)
+        release(bundled)
         torch.cuda.empty_cache()
     return errors
 
@@ -268,6 +268,7 @@ def scenario_large(world: int) -> list[str]:
     if dist.get_rank() < 2:
         errors += large_cases(pair, 2, 16384, [[16384, 4096], [1, 16384]])
     dist.barrier()
+    torch.cuda.empty_cache()  # ranks sharing a GPU need every cached block back
     errors += large_cases(None, world, 16384, [rotate([16384, 0, 4096, 1], world, 0)])
     return errors
 
@@ -349,38 +350,11 @@ def scenario_slots_and_hooks(world: int) -> list[str]:
                 )
                 for s in range(2)
             ]
-            hooks = []
-            for slot in (0, 1):
-                x, idx, w, scales = inps[slot].of(rank)
-                hooks.append(
-                    bundled.dispatch(
-                        x,
-                        idx,
-                        w,
-                        x_scales=scales,
-                        expand=True,
-                        cpu_sync=True,
-                        slot=slot,
-                        expert_alignment=16,
-                        return_recv_hook=True,
-                    )
-                )
-            results = [None, hooks[1]()]
-            results[0] = hooks[0]()
-            combine_hooks = []
-            for slot in (1, 0):
-                y = y_of(results[slot], rank, bundled.num_local_experts)
-                combine_hooks.append(
-                    (
-                        slot,
-                        bundled.combine(y, results[slot].handle, slot=slot, return_recv_hook=True),
-                    )
-                )
-            outs = {slot: hook() for slot, hook in combine_hooks}
+            results, outs = both_slots(bundled, inps, expand=True, alignment=16)
             for slot in (0, 1):
                 want = dispatch(ref, inps[slot], alignment=16)
                 errors += compare_expanded(results[slot], want, f"{dtype} iter {it} slot {slot}")
-                bad = int(combine_mismatches(outs[slot], inps[slot], rank))
+                bad = int(combine_mismatches(outs[slot], inps[slot], rank, ROUNDINGS))
                 if bad:
                     errors.append(f"{dtype} iter {it} slot {slot}: combine off in {bad} elements")
             errors += against_torch(bundled, ref, inps[0], f"{dtype} iter {it} plain", slot=it % 2)
@@ -389,42 +363,55 @@ def scenario_slots_and_hooks(world: int) -> list[str]:
     return errors
 
 
-def scenario_soak(world: int) -> list[str]:
-    """1,000 random calls (T, routing, slot, split phases, alignment, payload), each checked
-    on the device against the vectorized reference; nothing may be lost or misplaced."""
+def prefill_soak(world: int, calls: int, seed: int) -> tuple[int, int]:
+    """At least `calls` random dispatch + combine calls, collective, on two transports
+    (bf16 on 24 SMs, fp8 on 2R SMs): T in [0, Tmax] per rank and call; uniform, skewed
+    (every token to one rank's experts, repeats allowed) and mixed routing; alignments 1,
+    4 and 128; single calls on either slot, plain or split, and both slots in flight at
+    once. Every pair and every combined token is checked on the device against the
+    vectorized reference. Returns (mismatching elements, calls)."""
     rank = dist.get_rank()
+    tmax = 300
     specs = [
-        TransportSpec(300, 512, 6, 8 * world, BF16),
-        TransportSpec(300, 256, 8, 16 * world, FP8),
+        TransportSpec(tmax, 512, 6, 8 * world, BF16),
+        TransportSpec(tmax, 256, 8, 16 * world, FP8),
     ]
     transports = [
         make_transport("bundled", s, None, timeout_s=TIMEOUT_S, num_sms=n)
         for s, n in zip(specs, (24, 2 * world), strict=True)
     ]
-    rng = random.Random(99)
-    device = torch.device("cuda", torch.cuda.current_device())
+    rng = random.Random(seed)
+    device = rank_device()
     bad = torch.zeros((), dtype=torch.int64, device=device)
-    for it in range(1000):
+    done = 0
+    while done < calls:
         which = rng.randrange(2)
         t, spec = transports[which], specs[which]
-        tokens = [rng.choice([0, rng.randint(1, 300), 300]) for _ in range(world)]
-        inp = make_inputs(
-            spec,
-            world,
-            tokens,
-            seed=it,
-            routing=rng.choice(["uniform", "uniform", "skewed", "mixed"]),
-        )
-        slot, hook = rng.randrange(2), rng.random() < 0.5
+        routing = rng.choice(["uniform", "skewed", "skewed", "mixed"])
         alignment = rng.choice([1, 1, 4, 128])
-        res = dispatch(t, inp, slot=slot, alignment=alignment, hook=hook)
-        bad += expected_mismatches(res, inp, alignment)
-        bad += combine_mismatches(combine(t, res, slot=slot, hook=hook), inp, rank)
+        call_seed = rng.randrange(1 << 30)
+        inps = soak_inputs(spec, world, rng, call_seed, routing)
+        if rng.random() < 0.3:
+            results, outs = both_slots(t, inps, expand=True, alignment=alignment)
+            for slot in (0, 1):
+                bad += expected_mismatches(results[slot], inps[slot], alignment)
+                bad += combine_mismatches(outs[slot], inps[slot], rank, ROUNDINGS)
+            done += 2
+        else:
+            slot, hook = rng.randrange(2), rng.random() < 0.5
+            bad += checked_call(t, inps[0], slot=slot, alignment=alignment, hook=hook)
+            done += 1
     for t in transports:
         t.check()
-        t.destroy()
-    n = int(bad)
-    return [f"soak: {n} mismatching elements over 1,000 calls"] if n else []
+    release(*transports)
+    return int(bad), done
+
+
+def scenario_soak(world: int) -> list[str]:
+    """1,000 random calls (fewer on shared GPUs) of `prefill_soak`; nothing may be lost or
+    misplaced."""
+    bad, calls = prefill_soak(world, repeats(1000, world, floor=40), seed=99)
+    return [f"soak: {bad} mismatching elements over {calls} calls"] if bad else []
 
 
 def scenario_bad_ids(world: int) -> list[str]:
@@ -441,16 +428,7 @@ def scenario_bad_ids(world: int) -> list[str]:
         _, idx, _, _ = inp.of(rank)
         expected_dropped += int(((idx < -1) | (idx >= spec.num_experts)).sum())
         errors += against_torch(bundled, ref, inp, f"bad ids {it}", alignment=4)
-    dropped = int(bundled.dropped_ids.item())
-    if dropped != expected_dropped:
-        errors.append(f"dropped_ids {dropped}, expected {expected_dropped}")
-    try:
-        bundled.check()
-        if expected_dropped:
-            errors.append("check() did not raise on dropped ids")
-    except RuntimeError as e:
-        if f"{expected_dropped} expert ids" not in str(e):
-            errors.append(f"check() message does not name the count: {e}")
+    errors += dropped_ids_errors(bundled, expected_dropped)
     release(bundled, ref)
     return errors
 
@@ -495,15 +473,9 @@ def scenario_absent_peer(world: int) -> list[str]:
         inp = make_inputs(spec, world, [16] * world, seed=3)
         try:
             dispatch(t, inp)
-            errors.append(f"rank {rank}: dispatch returned although rank {world - 1} never called")
+            errors += timeout_errors(None, rank, world)
         except RuntimeError as e:
-            text = str(e)
-            if (
-                f"rank {rank}" not in text
-                or f"peer rank {world - 1}" not in text
-                or "timed out" not in text
-            ):
-                errors.append(f"rank {rank}: unclear timeout message: {text}")
+            errors += timeout_errors(str(e), rank, world)
     t.destroy()
     return errors
 
@@ -521,12 +493,9 @@ SCENARIOS: dict[str, Scenario] = {
 
 
 # --------------------------------------------------------------------------- tests
-@pytest.fixture(scope="module")
-def outcomes() -> dict[str, list[str]]:
-    return outcomes_of(SCENARIOS)
+outcomes = outcomes_fixture(SCENARIOS)
 
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 def test_bundled_prefill(outcomes: dict[str, list[str]], scenario: str) -> None:
-    errors = outcomes[scenario]
-    assert not errors, "\n".join(errors[:20])
+    assert_clean(outcomes, scenario)

@@ -45,6 +45,11 @@ class BundledTransport(Transport):
     build: "decode" serves `expand=False` calls, "prefill" `expand=True` ones; a call for a
     path not built raises ValueError. Building it is collective over `group`, and so is
     `destroy()`.
+
+    Ranks may share a GPU only when asked (`allow_shared_gpu=True`, or
+    `MOE_PLUGIN_ALLOW_SHARED_GPU=1`): the kernels then stay correct, since each rank's
+    kernels progress while their peers are time-sliced in, but every call is slowed by
+    that time-slicing, so sharing is for testing correctness, never for speed.
     """
 
     supports_split_phases = True
@@ -58,6 +63,7 @@ class BundledTransport(Transport):
         num_sms: int = 24,
         decode_sms: int | None = None,
         modes: tuple[str, ...] = MODES,
+        allow_shared_gpu: bool = False,
     ) -> None:
         super().__init__(spec, group, device, timeout_s)
         if self.device.type != "cuda":
@@ -85,7 +91,8 @@ class BundledTransport(Transport):
         self.num_sms = num_sms
         # Every rank's decode kernels signal once per block: all ranks use the least.
         self.decode_sms = self._check_topology(
-            decode_sms or min(sm_count, _env_decode_sms() or sm_count)
+            decode_sms or min(sm_count, _env_decode_sms() or sm_count),
+            allow_shared_gpu or _env_allows_shared_gpu(),
         )
         self.errors = ErrorRecord(self.device)
         self._modes = tuple(modes)
@@ -162,9 +169,10 @@ class BundledTransport(Transport):
             )
         return path
 
-    def _check_topology(self, decode_sms: int) -> int:
-        """Check that the ranks share a host, one GPU each, with peer access; return the
-        least `decode_sms` over the ranks."""
+    def _check_topology(self, decode_sms: int, allow_shared_gpu: bool) -> int:
+        """Check that the ranks share a host, one GPU each unless `allow_shared_gpu`, with
+        peer access between distinct GPUs; return the least `decode_sms` over the ranks.
+        Collective; every rank raises alike."""
         props = torch.cuda.get_device_properties(self.device)
         me = (socket.gethostname(), str(props.uuid), decode_sms)
         everyone: list[tuple[str, str, int] | None] = [None] * self.world_size
@@ -175,8 +183,13 @@ class BundledTransport(Transport):
                 f"BundledTransport needs every rank on one host, the group spans {hosts}"
             )
         uuids = [e[1] for e in everyone if e is not None]
-        if len(set(uuids)) != len(uuids):
-            raise ValueError("BundledTransport needs one GPU per rank; ranks share a GPU")
+        if len(set(uuids)) != len(uuids) and not allow_shared_gpu:
+            shared = sorted(r for r, u in enumerate(uuids) if uuids.count(u) > 1)
+            raise ValueError(
+                f"BundledTransport needs one GPU per rank; ranks {shared} share a GPU "
+                "(allow_shared_gpu=True or MOE_PLUGIN_ALLOW_SHARED_GPU=1 accepts that, "
+                "for correctness tests only)"
+            )
         visible = {
             str(torch.cuda.get_device_properties(i).uuid): i
             for i in range(torch.cuda.device_count())
@@ -185,12 +198,23 @@ class BundledTransport(Transport):
             index = visible.get(uuid)
             if peer_rank == self.rank or index is None:
                 continue  # not visible here: mapping its buffer reports any failure
+            # Peer access is not needed within one device: a CUDA IPC mapping of another
+            # process's allocation on this GPU is plain device memory.
+            if index == self.device.index:
+                continue
             if not torch.cuda.can_device_access_peer(self.device, index):
                 raise ValueError(
                     f"rank {self.rank} (cuda:{self.device.index}) has no peer "
                     f"access to rank {peer_rank}'s GPU (cuda:{index})"
                 )
         return min(e[2] for e in everyone if e is not None)
+
+
+def _env_allows_shared_gpu() -> bool:
+    value = os.environ.get("MOE_PLUGIN_ALLOW_SHARED_GPU", "")
+    if value not in ("", "0", "1"):
+        raise ValueError(f"MOE_PLUGIN_ALLOW_SHARED_GPU must be 0 or 1, got {value!r}")
+    return value == "1"
 
 
 def _env_decode_sms() -> int | None:

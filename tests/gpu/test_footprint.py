@@ -1,6 +1,6 @@
 """`footprint.path_bytes` against what a built BundledTransport really holds per GPU: the
 decode path's symmetric buffer and local state, and the prefill path's two ring slots, for
-the three model shapes of configs/ (fp8 and bf16 payloads), on all GPUs of the host."""
+the three model shapes of configs/ (fp8 and bf16 payloads), on R = 2, 4 and 8 ranks."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from moe_plugin.transport import TransportSpec
 from moe_plugin.transport.bundled import BundledTransport
 from moe_plugin.transport.bundled.footprint import path_bytes
-from tests.gpu.harness import FP8, TIMEOUT_S, outcomes_of
+from tests.gpu.harness import FP8, TIMEOUT_S, assert_clean, outcomes_fixture
 
 pytestmark = pytest.mark.gpu
 
@@ -39,6 +39,8 @@ def held_bytes(world: int) -> list[str]:
     return errors
 
 
-def test_footprint_matches_the_built_transport() -> None:
-    errors = outcomes_of({"held_bytes": held_bytes})["held_bytes"]
-    assert not errors, "\n".join(errors)
+outcomes = outcomes_fixture({"held_bytes": held_bytes})
+
+
+def test_footprint_matches_the_built_transport(outcomes: dict[str, list[str]]) -> None:
+    assert_clean(outcomes, "held_bytes")

@@ -13,8 +13,9 @@ import torch
 from moe_plugin.bench import main
 from moe_plugin.bench.config import PRESETS, BenchConfig, Iterations, Preset, graph_iterations
 from moe_plugin.bench.digest import count_tests, format_digest
-from moe_plugin.bench.inputs import Traffic, dequantize, quantize_fp8, routing, row_bytes
+from moe_plugin.bench.inputs import Traffic, routing, row_bytes
 from moe_plugin.bench.report import format_summary, format_tables, result_rows, write_json
+from moe_plugin.transport.fp8 import MIN_AMAX, dequantize, quantize_fp8
 
 TINY = ["--hidden", "256", "--num-experts", "8", "--topk", "3"]
 
@@ -102,11 +103,26 @@ def test_traffic_counts_match_a_direct_count() -> None:
 
 def test_fp8_quantization_round_trip() -> None:
     x = torch.randn(5, 256) * torch.linspace(0.1, 30, 256)
+    x[1, 128:] = 0.0  # an all-zero block: the 1e-10 floor, as vLLM's eps
     q, scales = quantize_fp8(x)
     assert q.dtype == torch.float8_e4m3fn and scales.shape == (5, 2)
+    assert scales[1, 1] == pytest.approx(MIN_AMAX / 448) and not q[1, 128:].float().any()
+    # Each block's largest |x| lands exactly on 448.
+    assert q.float().abs().unflatten(1, (2, 128)).amax(dim=2)[scales > MIN_AMAX].eq(448).all()
     # e4m3 keeps 3 mantissa bits: relative error <= 2^-4 of the block's largest value.
     err = (dequantize(q, scales) - x).abs()
     assert bool((err <= x.abs().amax() / 16).all())
+    q64, scales64 = quantize_fp8(x, 64)
+    assert scales64.shape == (5, 4) and torch.equal(
+        dequantize(q64, scales64)[:, :64], dequantize(*quantize_fp8(x[:, :64], 64))
+    )
+    empty_q, empty_scales = quantize_fp8(torch.zeros(0, 256, dtype=torch.bfloat16))
+    assert empty_q.shape == (0, 256) and empty_scales.shape == (0, 2)
+    with pytest.raises(ValueError, match="hidden size 200 is not a multiple of .* 128"):
+        quantize_fp8(torch.zeros(2, 200))
+    # One scale per row, and one scalar, dequantize by broadcast as well.
+    assert torch.equal(dequantize(q, scales[:, :1]), q.float() * scales[:, :1])
+    assert torch.equal(dequantize(q, torch.tensor(2.0)), q.float() * 2)
     assert row_bytes(7168, "fp8") == 7168 + 56 * 4 and row_bytes(7168, "bf16") == 14336
 
 

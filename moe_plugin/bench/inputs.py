@@ -12,8 +12,7 @@ import torch
 
 from moe_plugin.bench.config import Preset
 from moe_plugin.transport.base import SCALE_BLOCK
-
-FP8_MAX = 448.0
+from moe_plugin.transport.fp8 import dequantize, quantize_fp8
 
 
 @dataclasses.dataclass
@@ -43,21 +42,6 @@ def routing(preset: Preset, world_size: int, tokens: int, seed: int) -> torch.Te
             for s in range(world_size)
         ]
     )
-
-
-def quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [T, H] -> (e4m3 [T, H], float32 scales [T, H/128]), one scale per 128 columns."""
-    blocks = x.float().unflatten(1, (-1, SCALE_BLOCK))
-    scales = blocks.abs().amax(dim=2).clamp(min=1e-6) / FP8_MAX
-    q = (blocks / scales[:, :, None]).to(torch.float8_e4m3fn)
-    return q.flatten(1), scales
-
-
-def dequantize(x: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
-    """float32 value of a bf16 payload, or of an fp8 payload with its block-128 scales."""
-    if scales is None:
-        return x.float()
-    return (x.float().unflatten(1, (-1, SCALE_BLOCK)) * scales[:, :, None]).flatten(1)
 
 
 def rank_inputs(

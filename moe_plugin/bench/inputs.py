@@ -11,7 +11,7 @@ import dataclasses
 import torch
 
 from moe_plugin.bench.config import Preset
-from moe_plugin.transport.base import SCALE_BLOCK
+from moe_plugin.bench.units import RankRows
 from moe_plugin.transport.fp8 import dequantize, quantize_fp8
 
 
@@ -94,17 +94,12 @@ class Traffic:
         rows = self.expert_rows if expand else self.token_rows
         return [rows[s][rank] for s in range(len(rows))]
 
-    def remote_rows(self, rank: int) -> tuple[int, int]:
-        """(out, in): tokens `rank` must send to, and receive from, other ranks, once per
-        (token, rank) pair."""
+    def rank_rows(self, rank: int) -> RankRows:
+        """`rank`'s (token, destination rank) rows: sent to and received from other ranks,
+        and its own."""
         world = range(len(self.token_rows))
-        out = sum(self.token_rows[rank][d] for d in world if d != rank)
-        inbound = sum(self.token_rows[s][rank] for s in world if s != rank)
-        return out, inbound
-
-
-def row_bytes(hidden: int, dtype: str) -> int:
-    """Bytes of one dispatched row: the payload, plus its scales for fp8."""
-    if dtype == "fp8":
-        return hidden + (hidden // SCALE_BLOCK) * 4
-    return hidden * 2
+        return RankRows(
+            sent_remote=sum(self.token_rows[rank][d] for d in world if d != rank),
+            received_remote=sum(self.token_rows[s][rank] for s in world if s != rank),
+            own=self.token_rows[rank][rank],
+        )

@@ -4,18 +4,21 @@ fp8 activations, on N processes (one per GPU with NCCL, else 4 CPU processes wit
 
 Every rank owns E / N experts of one layer (pure-torch experts), sends its own tokens
 through the layer, and compares the output with the dense single-process MoE over all
-experts. Prints the error and the time per layer call of each case, and exits 1 if any
-case does not match (2 if vLLM is missing).
+experts. Prints the error of each case (and, on GPUs, the wall-clock time per layer call)
+and exits 1 if any case does not match (2 if vLLM is missing). vLLM's and torch's logs are
+kept at ERROR level unless --verbose is given.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 import statistics
 import sys
 import time
+import warnings
 
 import torch
 
@@ -27,6 +30,12 @@ HIDDEN = 512
 INTERMEDIATE = 256
 CASES = (("decode", None), ("decode", 128), ("prefill", None), ("prefill", 128))
 """(mode, fp8 block width or None for bf16 activations)."""
+QUIET_ENV = {
+    "VLLM_LOGGING_LEVEL": "ERROR",
+    "TORCH_CPP_LOG_LEVEL": "ERROR",
+    "PYTHONWARNINGS": "ignore::DeprecationWarning,ignore::FutureWarning",
+}
+"""Library log levels for the demo's processes (the spawned ranks inherit them)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +44,7 @@ class DemoOptions:
     tokens: int
     iters: int
     seed: int
+    quiet: bool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +52,8 @@ class CaseResult:
     mode: str
     activations: str
     error: float
-    ms_per_call: float
+    ms_per_call: float | None
+    """Median wall clock of the timed calls; None when none were timed."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,15 +78,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--iters",
         type=int,
-        default=20 if torch.cuda.is_available() else 3,
-        help="timed layer calls per case (default 20 on GPUs, 3 on CPU)",
+        default=20 if torch.cuda.is_available() else 0,
+        help="timed layer calls per case (default 20 on GPUs; 0, no timing, on CPU, where "
+        "the time is Python's and gloo's)",
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--verbose", action="store_true", help="keep vLLM's and torch's own log levels"
+    )
     args = parser.parse_args(argv)
     if NUM_EXPERTS % args.nprocs:
         parser.error(f"--nprocs must divide the {NUM_EXPERTS} experts, got {args.nprocs}")
-    if args.tokens < 0 or args.iters < 1:
-        parser.error("--tokens must be >= 0 and --iters >= 1")
+    if args.tokens < 0 or args.iters < 0:
+        parser.error(f"--tokens and --iters must be >= 0, got {args.tokens} and {args.iters}")
+    if not args.verbose:
+        quiet_libraries()
     if not torch.cuda.is_available():
         # vLLM picks its platform from this; the spawned ranks inherit it.
         os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
@@ -92,36 +109,61 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.tokens} tokens per rank (the last rank idle)",
         flush=True,
     )
-    options = DemoOptions(args.transport, args.tokens, args.iters, args.seed)
+    options = DemoOptions(args.transport, args.tokens, args.iters, args.seed, not args.verbose)
     per_rank = run_workers(run_demo, args.nprocs, options)
-    return report(per_rank)
+    return report(per_rank, on_gpu=backend == "nccl")
 
 
-def report(per_rank: list[list[CaseResult]]) -> int:
-    """Print one line per case (worst error, slowest rank); 0 if every case matches."""
+def quiet_libraries() -> None:
+    """vLLM's and torch's logs at ERROR level, their deprecation notices off, in this
+    process and the ranks it spawns; what the user set in the environment stays."""
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    # vLLM logs some warnings while importing, before it applies VLLM_LOGGING_LEVEL.
+    for name in ("vllm", "torch"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def report(per_rank: list[list[CaseResult]], on_gpu: bool) -> int:
+    """Print one line per case (worst error, slowest rank) and what the columns mean; 0 if
+    every case matches."""
     from moe_plugin.demo.experts import MATCH_TOLERANCE
 
-    print(f"{'mode':8} {'activations':12} {'rel. error':>10} {'ms/call':>9}  result")
+    timed = all(r.ms_per_call is not None for rank in per_rank for r in rank)
+    print(f"{'mode':8} {'activations':12} {'rel. error':>10}{' ms/call' if timed else ''}  result")
     failed = 0
     for i, first in enumerate(per_rank[0]):
         error = max(rank[i].error for rank in per_rank)
-        ms = max(rank[i].ms_per_call for rank in per_rank)
         ok = error <= MATCH_TOLERANCE  # False for NaN
         failed += not ok
-        print(
-            f"{first.mode:8} {first.activations:12} {error:10.2e} {ms:9.3f}  "
-            f"{'match' if ok else 'MISMATCH'}"
-        )
+        ms = f" {max(rank[i].ms_per_call or 0.0 for rank in per_rank):7.2f}" if timed else ""
+        verdict = "match" if ok else "MISMATCH"
+        print(f"{first.mode:8} {first.activations:12} {error:10.2e}{ms}  {verdict}")
     print(
-        f"relative error = max |out - dense reference| / max |reference|, tolerance "
-        f"{MATCH_TOLERANCE}; ms/call = median over the timed calls, slowest rank"
+        f"rel. error = max |out - dense reference| / max |reference|, tolerance {MATCH_TOLERANCE}"
     )
+    if timed and on_gpu:
+        print(
+            "ms/call = wall clock per layer call (median, slowest rank), pure-torch experts\n"
+            "  included: a smoke figure, not a transport benchmark (python -m moe_plugin.bench)"
+        )
+    elif timed:
+        print(
+            "ms/call = wall clock on CPU processes: Python and gloo, swinging 2-4x between\n"
+            "  runs; it says nothing about the transport's speed"
+        )
+    else:
+        print("not timed: on CPU processes the time is Python's and gloo's (--iters N times it)")
     print("all cases match" if not failed else f"{failed} case(s) do not match")
     return 1 if failed else 0
 
 
 def run_demo(rank: int, world_size: int, options: DemoOptions) -> list[CaseResult]:
     """Every case on this rank (collective)."""
+    if options.quiet:
+        quiet_libraries()
     from moe_plugin.demo.experts import (
         ExpertParallelMoE,
         relative_error,
@@ -167,7 +209,7 @@ def run_demo(rank: int, world_size: int, options: DemoOptions) -> list[CaseResul
                 mode,
                 f"fp8 block{fp8_block}" if fp8_block else "bf16",
                 relative_error(out, ref),
-                statistics.median(times),
+                statistics.median(times) if times else None,
             )
         )
     pool.destroy()

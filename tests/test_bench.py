@@ -199,20 +199,21 @@ def test_rows_take_the_slowest_rank_and_the_link_floor() -> None:
 
 
 def test_link_figures_by_hand() -> None:
-    # deepseek-v3 at EP2, T=4096: about 4081 of 4096 tokens reach the other rank.
+    # deepseek-v3 at EP2, T=4096, seed 0: 4087 of 4096 tokens reach the other rank.
     bf16 = row_bytes(7168, "bf16")
     assert bf16 == 14336
-    ranks = [RankRows(4081, 4079, 4082), RankRows(4079, 4081, 4080)]
-    fig = link_figures(ranks, bf16, 1026.0, [348.0, 350.0])
-    # Both ranks move 4081 rows one way; rank 0's link is the slower: it sets the floor.
-    assert fig.rank == 0 and fig.link_rows == 4081 and fig.own_rows == 4082
-    assert fig.floor_us == pytest.approx(4081 * 14336 / 348e3)  # 168.1 us
-    assert fig.link_gbps == pytest.approx(4081 * 14336 / 1026e3)  # 57.0 GB/s
-    assert fig.vs_floor(1026.0) == pytest.approx(6.1029, abs=1e-4)
-    # The three agree: 57.0 GB/s is 16.4% of 348 GB/s, and the floor is 16.4% of the time.
-    assert fig.link_gbps / 348.0 == pytest.approx(fig.floor_us / 1026.0)
-    row = {"status": "ok", "time_us": 1026.0, "link_gbps": fig.link_gbps, "vs_floor": 6.1029}
-    assert _prefill_cell(row) == "1026 us 57.0 GB/s 16%"
+    ranks = [RankRows(4087, 4085, 4084), RankRows(4085, 4087, 4076)]
+    fig = link_figures(ranks, bf16, 1026.0, [349.0, 351.0])
+    # Both ranks move 4087 rows one way; rank 0's link is the slower: it sets the floor.
+    assert fig.rank == 0 and fig.link_rows == 4087 and fig.own_rows == 4084
+    assert fig.floor_us == pytest.approx(4087 * 14336 / 349e3)  # 167.9 us
+    assert fig.link_gbps == pytest.approx(4087 * 14336 / 1026e3)  # 57.1 GB/s
+    assert fig.vs_floor(1026.0) == pytest.approx(6.1114, abs=1e-4)
+    # The three agree: 57.1 GB/s is 16.4% of 349 GB/s, and the floor is 16.4% of the time.
+    assert fig.link_gbps / 349.0 == pytest.approx(fig.floor_us / 1026.0)
+    row = {"status": "ok", "time_us": 1026.0, "link_gbps": fig.link_gbps, "vs_floor": 6.1114}
+    assert _prefill_cell(row) == "1026 us 57.1 GB/s 16%"
+    assert Traffic.of(routing(PRESETS["deepseek-v3"], 2, 4096, 0), 256).rank_rows(0) == ranks[0]
 
     # fp8: 7168 bytes + 56 float32 scales per row. Without link rates (CPU): the rank
     # with the most link rows, no floor.

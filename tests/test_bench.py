@@ -7,6 +7,7 @@ import itertools
 import json
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import pytest
 import torch
 
@@ -14,7 +15,7 @@ from moe_plugin.bench import main
 from moe_plugin.bench.config import PRESETS, BenchConfig, Iterations, Preset, graph_iterations
 from moe_plugin.bench.digest import _prefill_cell, count_tests, format_digest
 from moe_plugin.bench.inputs import Traffic, routing
-from moe_plugin.bench.plot import _panels, write_plot
+from moe_plugin.bench.plot import _panels, _y_scale, write_plot
 from moe_plugin.bench.report import result_rows, write_json
 from moe_plugin.bench.tables import fmt_number, format_report
 from moe_plugin.bench.units import RankRows, link_figures, row_bytes
@@ -364,3 +365,16 @@ def test_plot_draws_the_t_sweeps_and_the_sm_sweep(tmp_path: Path) -> None:
     assert sorted(r["num_sms"] for r in panels[2][1] if r["op"] == "dispatch") == [8, 24, 132]
     write_plot(tmp_path / "bench.png", report)
     assert (tmp_path / "bench.png").read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.parametrize("values", [[960.0, 1044.0], [0.0154, 2.0, 200.0]])
+def test_plot_y_axis_has_labelled_ticks(values: list[float]) -> None:
+    fig, ax = plt.subplots()
+    ax.plot(range(len(values)), values)
+    _y_scale(ax, values)
+    fig.canvas.draw()
+    lo, hi = ax.get_ylim()
+    labels = [t for t in ax.get_yticklabels() if t.get_text() and lo <= t.get_position()[1] <= hi]
+    plt.close(fig)
+    assert len(labels) >= 3
+    assert ax.get_yscale() == ("log" if max(values) > 10 * min(values) else "linear")

@@ -12,6 +12,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
 from matplotlib.axes import Axes  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator  # noqa: E402
 
 from moe_plugin.bench.config import COMBINE, DECODE, DISPATCH, PREFILL  # noqa: E402
 from moe_plugin.bench.tables import link_line, machine_line, on_cpu, time_label  # noqa: E402
@@ -136,9 +137,9 @@ def _draw(ax: Axes, rows: list[Row], x_key: str) -> None:
             xs, ys = zip(*points, strict=True)
             ax.plot(xs, ys, ":" if "fp8" in name else "-.", color="black", label=name)
         ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
         ax.set_xticks(xs_all, [str(x) for x in xs_all])
-        ax.minorticks_off()
+        ax.xaxis.set_minor_locator(NullLocator())
+        _y_scale(ax, [r["time_us"] for r in rows] + [y for p in floors.values() for _, y in p])
         ax.set_xlabel("SMs" if x_key == "num_sms" else "tokens per rank (T)")
     else:
         names = list(series)
@@ -158,6 +159,19 @@ def _draw(ax: Axes, rows: list[Row], x_key: str) -> None:
         )
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
+
+
+def _y_scale(ax: Axes, values: list[float]) -> None:
+    """Log y with labelled 1-2-5 ticks where the values span more than 10x, else linear
+    from 0."""
+    positive = [v for v in values if v > 0]
+    if positive and max(positive) > 10 * min(positive):
+        ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_locator(NullLocator())
+    else:
+        ax.set_ylim(bottom=0)
 
 
 _STYLES = {

@@ -3,6 +3,7 @@ the row-count and roofline arithmetic behind its numbers."""
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import json
 from pathlib import Path
@@ -124,7 +125,11 @@ def test_fp8_quantization_round_trip() -> None:
     x[1, 128:] = 0.0  # an all-zero block: the 1e-10 floor, as vLLM's eps
     q, scales = quantize_fp8(x)
     assert q.dtype == torch.float8_e4m3fn and scales.shape == (5, 2)
-    assert scales[1, 1] == pytest.approx(MIN_AMAX / 448) and not q[1, 128:].float().any()
+    assert scales[1, 1] == pytest.approx(1e-10 / 448) and not q[1, 128:].float().any()
+    # The floor is vLLM's own, so the vLLM layer's CPU path quantizes as vLLM's kernels do.
+    fp8_utils = pytest.importorskip("vllm.model_executor.layers.quantization.utils.fp8_utils")
+    eps = inspect.signature(fp8_utils.per_token_group_quant_fp8).parameters["eps"].default
+    assert eps == MIN_AMAX
     # Each block's largest |x| lands exactly on 448.
     assert q.float().abs().unflatten(1, (2, 128)).amax(dim=2)[scales > MIN_AMAX].eq(448).all()
     # e4m3 keeps 3 mantissa bits: relative error <= 2^-4 of the block's largest value.

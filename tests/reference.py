@@ -15,14 +15,14 @@ import random
 
 import torch
 
-from moe_plugin.transport.base import SCALE_BLOCK, DispatchResult, TransportSpec
+from moe_plugin.bench.check import expert_scale
+from moe_plugin.transport.base import DispatchResult, TransportSpec
+from moe_plugin.transport.fp8 import FP8_MAX, dequantize
 
 ROUTINGS = ("uniform", "one_expert", "one_rank", "none", "out_of_range")
 """Routing patterns: random distinct experts with some -1 choices; every token to one
 expert; every token only to experts of one rank; every choice -1; uniform with some ids
 outside [-1, E)."""
-
-FP8_MAX = 448.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,18 +227,6 @@ def expected_pairs(case: Case, inputs: list[RankInputs], rank: int, alignment: i
         recv_w[row, 0] = inputs[s].topk_weights[t, k]
         counts[s] += 1
     return Expected(recv_x, recv_scales, recv_idx, recv_w, counts, valid, per_expert)
-
-
-def expert_scale(global_ids: torch.Tensor) -> torch.Tensor:
-    """The toy expert e multiplies its input by 1 + (e % 5) / 4 (exact in bf16)."""
-    return 1.0 + (global_ids % 5).float() / 4.0
-
-
-def dequantize(x: torch.Tensor, x_scales: torch.Tensor | None) -> torch.Tensor:
-    """float32 values of payload rows (fp8 times their block-128 scales)."""
-    if x_scales is None:
-        return x.float()
-    return x.float() * x_scales.repeat_interleave(SCALE_BLOCK, dim=1)
 
 
 def expert_output(

@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import torch
 
-from moe_plugin.bench.inputs import RankInputs, dequantize
+from moe_plugin.bench.inputs import RankInputs
 from moe_plugin.transport import DispatchResult, Transport
+from moe_plugin.transport.fp8 import dequantize
 
 
 def expert_scale(global_ids: torch.Tensor) -> torch.Tensor:
-    """A per-expert factor (exact in bf16) standing in for the expert computation, so that
-    a row delivered to the wrong expert changes the sum."""
-    return 1.0 + (global_ids.remainder(8)).float() / 8.0
+    """The toy expert e multiplies its input by 1 + (e % 5) / 4 (float32, exact in bf16),
+    standing in for the expert computation in the benchmark's check and the tests'
+    reference, so that a row delivered to the wrong expert changes the sum. Period 5, not
+    a power of two: experts with the same local index on different ranks differ."""
+    return 1.0 + global_ids.remainder(5).float() / 4.0
 
 
 def expert_output(

@@ -37,7 +37,8 @@ from moe_plugin.bench.config import (
 )
 from moe_plugin.bench.digest import format_digest
 from moe_plugin.bench.plot import write_plot
-from moe_plugin.bench.report import format_summary, format_tables, result_rows, write_json
+from moe_plugin.bench.report import result_rows, write_json
+from moe_plugin.bench.tables import format_report
 from moe_plugin.bench.worker import bench_worker
 from moe_plugin.launch import default_backend, default_nprocs, ranks_share_gpus, run_workers
 from moe_plugin.transport import TRANSPORT_NAMES
@@ -113,8 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--sweep",
         action="store_true",
-        help=f"T sweep (decode {DECODE_SWEEP}, prefill {PREFILL_SWEEP}) and the "
-        f"bundled SM sweep {NUM_SMS_SWEEP}",
+        help=f"T sweep (decode {DECODE_SWEEP}, prefill {PREFILL_SWEEP}, every transport) "
+        f"and the bundled prefill SM sweep {NUM_SMS_SWEEP} at T={PREFILL_TOKENS}",
     )
     p.add_argument(
         "--decode-tokens",
@@ -173,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=None,
         metavar="JSON",
-        help="print the summary of earlier runs' bench.json files and exit",
+        help="print the report of earlier runs' bench.json files and exit",
     )
     p.add_argument(
         "--digest",
@@ -273,7 +274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.digest:
             print(format_digest(reports, args.tests_summary))
         else:
-            print("\n\n".join(format_summary(report) for report in reports))
+            print("\n\n".join(format_report(report) for report in reports))
         return 0
     for key, value in NO_MULTICAST_ENV.items():
         os.environ.setdefault(key, value)
@@ -298,9 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     report = write_json(args.out / "bench.json", cfg, machine, per_rank, rows)
     write_plot(args.out / "bench.png", report)
-    print(format_tables(rows, nprocs, backend, cfg.graph_ops))
-    print()
-    print(format_summary(report))
+    print(format_report(report))
     print(f"\nwrote {args.out / 'bench.json'} and {args.out / 'bench.png'}")
     failed = [r for r in rows if r["status"].startswith(("check failed", "timing failed"))]
     return 1 if failed else 0

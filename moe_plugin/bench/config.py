@@ -12,7 +12,7 @@ DISPATCH, COMBINE = "dispatch", "combine"
 DECODE_TOKENS = 128
 PREFILL_TOKENS = 4096
 DECODE_SWEEP = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-PREFILL_SWEEP = (256, 512, 1024, 2048, 4096)
+PREFILL_SWEEP = (512, 1024, 2048, 4096, 8192, 16384)
 DEFAULT_NUM_SMS = 24
 NUM_SMS_SWEEP: tuple[int | str, ...] = (8, 16, 24, 32, 64, "all")
 """SM budgets of the bundled prefill kernels; "all" is every SM of the device."""
@@ -94,10 +94,10 @@ class BenchConfig:
     dtypes: tuple[str, ...]
     tokens: dict[str, tuple[int, ...]]
     headline_tokens: dict[str, int]
-    """Per mode, the T of the summary and of the bandwidth-vs-SMs plot."""
+    """Per mode, the T of the digest's tables; prefill: the T of the SM sweep."""
     num_sms: tuple[int | str, ...]
     headline_num_sms: int | str
-    """The bundled SM budget of the summary and of the vs-T plots."""
+    """The bundled prefill SM budget of the T sweep."""
     iterations: dict[str, Iterations]
     graphs: bool
     """Decode on the GPU: also time CUDA-graph replays (1 call, and `graph_ops` calls each)."""
@@ -106,18 +106,23 @@ class BenchConfig:
     nvlink_mib: int
 
     def cases(self) -> list[Case]:
-        """Every (preset, mode, transport, dtype, SM budget, T) combination, in run order."""
+        """Every (preset, mode, transport, dtype, T) combination in run order; bundled
+        prefill at every SM budget at the headline T, at the headline budget elsewhere."""
         out = []
         for preset in self.presets:
             for mode in self.modes:
                 for transport in self.transports:
-                    budgets: tuple[int | str | None, ...] = (
-                        self.num_sms if transport == "bundled" and mode == PREFILL else (None,)
-                    )
                     for dtype in self.dtypes:
-                        for num_sms in budgets:
-                            out.extend(
-                                Case(transport, preset, mode, dtype, t, num_sms)
-                                for t in self.tokens[mode]
-                            )
+                        out.extend(
+                            Case(transport, preset, mode, dtype, t, num_sms)
+                            for t in self.tokens[mode]
+                            for num_sms in self._budgets(transport, mode, t)
+                        )
         return out
+
+    def _budgets(self, transport: str, mode: str, tokens: int) -> tuple[int | str | None, ...]:
+        if transport != "bundled" or mode != PREFILL:
+            return (None,)
+        if tokens == self.headline_tokens[PREFILL]:
+            return self.num_sms
+        return (self.headline_num_sms,)

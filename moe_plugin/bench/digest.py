@@ -8,13 +8,18 @@ import re
 from typing import Any
 
 from moe_plugin.bench.config import COMBINE, DECODE, DISPATCH, PREFILL
-from moe_plugin.bench.report import TIME_KINDS, align_table, fmt_number, link_line, time_label
+from moe_plugin.bench.report import TIME_KINDS
+from moe_plugin.bench.tables import align_table, fmt_number, link_line, machine_line, time_label
 
 Row = dict[str, Any]
 OPS = ((DISPATCH, "bf16"), (DISPATCH, "fp8"), (COMBINE, "bf16"))
 """Decode and prefill lines: combine carries bf16 whatever the dispatch dtype; the bf16
 run's combine stands for it."""
 BASELINE = "bundled"
+PREFILL_CELL = (
+    "us, link GB/s ((token, destination rank) rows that cross the links / time) and % of "
+    "link (link GB/s / link rate = floor / time)"
+)
 MIN_SWEEP_POINTS = 3
 
 
@@ -47,8 +52,7 @@ def format_digest(reports: list[dict[str, Any]], tests_summary: str | None = Non
             out += _decode_sweep(rep["rows"], preset) + _sms_sweep(rep["rows"], preset)
     out += [
         "",
-        f"==== GPU check: {machine.get('gpu_name') or 'CPU'} x{machine['world_size']} "
-        f"({machine['backend']}), torch {machine['torch']}, {machine['date']} ====",
+        f"==== GPU check: {machine_line(machine)} ====",
         link_line(first["link"]),
         f"GPU tests: {count_tests(tests_summary)}",
     ]
@@ -105,7 +109,7 @@ def _decode_table(
             if r is not None and r["status"] == "ok":
                 times[t] = r["time_us"]
         line += [
-            fmt_number(times[t] / times[BASELINE], 2) if t in times and BASELINE in times else "-"
+            fmt_number(times[t] / times[BASELINE]) if t in times and BASELINE in times else "-"
             for t in others
         ]
         body.append(line)
@@ -144,8 +148,7 @@ def _prefill_table(rows: dict[tuple[Any, ...], Row], preset: str, tokens: int) -
         body.append(line)
     return [
         "",
-        f"prefill {preset} T={tokens} per rank, GB/s (% of link: floor time / time, "
-        "100% = all bytes that must cross the links moved at the measured link rate)",
+        f"prefill {preset} T={tokens} per rank: {PREFILL_CELL}",
         *("  " + ln for ln in align_table(header, body)),
     ]
 
@@ -161,8 +164,8 @@ def _prefill_cell(r: Row | None) -> str:
         return "-"
     if r["status"] != "ok":
         return r["status"].split(":")[0]
-    share = f" ({100 / r['vs_floor']:.0f}%)" if r.get("vs_floor") else ""
-    return f"{fmt_number(r['gbps'], 3)}{share}"
+    share = f" {fmt_number(100 / r['vs_floor'], 2)}%" if r.get("vs_floor") else ""
+    return f"{fmt_number(r['time_us'])} us {fmt_number(r.get('link_gbps'))} GB/s{share}"
 
 
 def _decode_sweep(rows: list[Row], preset: str) -> list[str]:
@@ -219,7 +222,7 @@ def _sms_sweep(rows: list[Row], preset: str) -> list[str]:
         ]
         out += [
             "",
-            f"prefill sweep {preset} T={tokens} bf16, {BASELINE} GB/s (% of link) vs SM budget",
+            f"prefill sweep {preset} T={tokens} bf16 vs {BASELINE} SM budget: {PREFILL_CELL}",
             *("  " + ln for ln in align_table(header, body)),
         ]
     return out

@@ -11,9 +11,8 @@ import dataclasses
 import torch
 
 from moe_plugin.bench.config import Preset
-from moe_plugin.transport.base import SCALE_BLOCK
-
-FP8_MAX = 448.0
+from moe_plugin.bench.units import RankRows
+from moe_plugin.transport.fp8 import dequantize, quantize_fp8
 
 
 @dataclasses.dataclass
@@ -43,21 +42,6 @@ def routing(preset: Preset, world_size: int, tokens: int, seed: int) -> torch.Te
             for s in range(world_size)
         ]
     )
-
-
-def quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [T, H] -> (e4m3 [T, H], float32 scales [T, H/128]), one scale per 128 columns."""
-    blocks = x.float().unflatten(1, (-1, SCALE_BLOCK))
-    scales = blocks.abs().amax(dim=2).clamp(min=1e-6) / FP8_MAX
-    q = (blocks / scales[:, :, None]).to(torch.float8_e4m3fn)
-    return q.flatten(1), scales
-
-
-def dequantize(x: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
-    """float32 value of a bf16 payload, or of an fp8 payload with its block-128 scales."""
-    if scales is None:
-        return x.float()
-    return (x.float().unflatten(1, (-1, SCALE_BLOCK)) * scales[:, :, None]).flatten(1)
 
 
 def rank_inputs(
@@ -110,17 +94,12 @@ class Traffic:
         rows = self.expert_rows if expand else self.token_rows
         return [rows[s][rank] for s in range(len(rows))]
 
-    def remote_rows(self, rank: int) -> tuple[int, int]:
-        """(out, in): tokens `rank` must send to, and receive from, other ranks, once per
-        (token, rank) pair."""
+    def rank_rows(self, rank: int) -> RankRows:
+        """`rank`'s (token, destination rank) rows: sent to and received from other ranks,
+        and its own."""
         world = range(len(self.token_rows))
-        out = sum(self.token_rows[rank][d] for d in world if d != rank)
-        inbound = sum(self.token_rows[s][rank] for s in world if s != rank)
-        return out, inbound
-
-
-def row_bytes(hidden: int, dtype: str) -> int:
-    """Bytes of one dispatched row: the payload, plus its scales for fp8."""
-    if dtype == "fp8":
-        return hidden + (hidden // SCALE_BLOCK) * 4
-    return hidden * 2
+        return RankRows(
+            sent_remote=sum(self.token_rows[rank][d] for d in world if d != rank),
+            received_remote=sum(self.token_rows[s][rank] for s in world if s != rank),
+            own=self.token_rows[rank][rank],
+        )

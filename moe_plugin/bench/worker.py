@@ -8,6 +8,7 @@ one rank only can still stall its peers: the launcher's timeout bounds that.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -78,7 +79,7 @@ def _run_case(
     traffic = Traffic.of(route, preset.num_experts)
     record: dict[str, Any] = {
         "received_rows": traffic.received_rows(rank, expand),
-        "remote_rows": traffic.remote_rows(rank),
+        "token_rows": dataclasses.asdict(traffic.rank_rows(rank)),
     }
     spec = TransportSpec(
         max_tokens_per_rank=case.tokens,

@@ -26,7 +26,8 @@ from vllm.model_executor.layers.fused_moe.topk_weight_and_reduce import (
 from vllm.model_executor.layers.quantization.utils.quant_utils import QuantKey
 from vllm.v1.worker.workspace import init_workspace_manager, is_workspace_manager_initialized
 
-from moe_plugin.prepare_finalize.quant import dequantize_activations, quantize_activations
+from moe_plugin.prepare_finalize.quant import quantize_activations
+from moe_plugin.transport.fp8 import dequantize
 
 MATCH_TOLERANCE = 0.02
 """Largest |output - reference| accepted, relative to max |reference| (at least 1): the
@@ -191,7 +192,7 @@ class ReferenceExperts(mk.FusedMoEExpertsModular):
     ) -> None:
         """Write the experts' output for rows `hidden_states` [M, H] (bf16, or fp8 with
         `a1q_scale`) with GLOBAL `topk_ids` [M, K] into `output`."""
-        x = dequantize_activations(hidden_states, a1q_scale)
+        x = dequantize(hidden_states, a1q_scale)
         local_ids = _local_ids(topk_ids, expert_map)
         weights = (
             torch.ones_like(topk_weights, dtype=torch.float32)
@@ -344,7 +345,7 @@ def reference_moe(
         weights = torch.ones_like(weights)
     if quant_config is not None:
         x_q, scales = quantize_activations(x, quant_config)
-        xf = dequantize_activations(x_q, scales)
+        xf = dequantize(x_q, scales)
     else:
         xf = x.float()
     out = torch.zeros(xf.shape, dtype=torch.float32, device=xf.device)

@@ -2,8 +2,8 @@
 
 Block-quantized fp8 activations with 128-wide blocks travel quantized (the scales ride
 with the tokens); every other scheme travels in bf16 and is quantized after receive.
-vLLM's own helper quantizes tensors on the GPU; for CPU tensors a pure-torch
-per-token-group fp8 quantizer with the same math stands in for the fp8 case.
+vLLM's own helper quantizes tensors on the GPU; for CPU tensors and empty batches the
+pure-torch quantizer of `moe_plugin.transport.fp8` (the same math) stands in for block fp8.
 """
 
 from __future__ import annotations
@@ -13,10 +13,7 @@ from vllm.model_executor.layers.fused_moe.config import FusedMoEQuantConfig
 from vllm.model_executor.layers.fused_moe.utils import moe_kernel_quantize_input
 
 from moe_plugin.transport.base import SCALE_BLOCK
-
-FP8 = torch.float8_e4m3fn
-FP8_MAX = torch.finfo(FP8).max
-_MIN_AMAX = 1e-10
+from moe_plugin.transport.fp8 import FP8, quantize_fp8
 
 
 def activation_quant_config(fp8_block: int | None = None) -> FusedMoEQuantConfig:
@@ -56,7 +53,7 @@ def quantize_activations(
         return x, None
     block = quant_config.block_shape
     if quant_dtype == FP8 and block is not None and (x.shape[0] == 0 or x.device.type == "cpu"):
-        return fp8_group_quantize(x, block[1])
+        return quantize_fp8(x, block[1])
     if x.shape[0] == 0:
         return x, None
     a1_scale = quant_config.a1_gscale if quant_dtype == "nvfp4" else quant_config.a1_scale
@@ -68,31 +65,3 @@ def quantize_activations(
         block_shape=block,
         is_scale_swizzled=quant_config.is_scale_swizzled,
     )
-
-
-def fp8_group_quantize(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp8 e4m3 per-token-group quantization in torch: each group of `group` columns of a
-    row gets scale = max|x| / 448 (at least 1e-10 / 448). x [T, H] with H % group == 0;
-    returns x_q [T, H] fp8 and scales [T, H / group] float32, both contiguous."""
-    tokens, hidden = x.shape
-    if hidden % group:
-        raise ValueError(
-            f"hidden size {hidden} is not a multiple of the quantization group {group}"
-        )
-    groups = x.float().reshape(tokens, hidden // group, group)
-    scales = groups.abs().amax(dim=-1).clamp_min(_MIN_AMAX) / FP8_MAX
-    x_q = (groups / scales.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).to(FP8)
-    return x_q.reshape(tokens, hidden), scales.contiguous()
-
-
-def dequantize_activations(x: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
-    """float32 values of `x` [T, H]: `scales` None (x unquantized), one scalar, one per row
-    [T, 1], or one per group of columns [T, H / group]."""
-    values = x.float()
-    if scales is None:
-        return values
-    scales = scales.float()
-    if scales.numel() == 1:
-        return values * scales.reshape(())
-    group = x.shape[1] // scales.shape[1]
-    return values * scales.repeat_interleave(group, dim=1)

@@ -311,3 +311,24 @@ def test_decode_layout_rejects_bad_shapes(lib: binding.Library) -> None:
         shape = dict(zip(("R", "Tmax", "H", "K", "E", "fp8", "slot", "parity"), args, strict=True))
         with pytest.raises(RuntimeError, match="invalid argument"):
             _layout(lib, **shape)
+
+
+def test_shape_limits_come_from_the_library(lib: binding.Library) -> None:
+    """The group sizes and the row bound the transport checks are the kernels' own: the
+    decode layout accepts exactly the group sizes of `world_sizes` and Tmax up to `max_rows`."""
+    sizes = lib.constants["world_sizes"]
+    supported = [r for r in range(sizes.bit_length()) if sizes >> r & 1]
+    assert supported == [2, 4, 8]
+    for world in range(1, 10):
+        layout = lib.structs["decode_layout"]()
+        args = dict(Tmax=16, H=128, K=2, E=8 * 9, fp8=0, slot=0, parity=0)
+        if world in supported:
+            lib.call("moe_decode_layout", R=world, **args, out=ctypes.byref(layout))
+        else:
+            with pytest.raises(RuntimeError, match="invalid argument"):
+                lib.call("moe_decode_layout", R=world, **args, out=ctypes.byref(layout))
+    rows = lib.constants["max_rows"]
+    layout = lib.structs["decode_layout"]()
+    args = dict(R=2, H=8, K=1, E=2, fp8=0, slot=0, parity=0, out=ctypes.byref(layout))
+    with pytest.raises(RuntimeError, match="invalid argument"):
+        lib.call("moe_decode_layout", Tmax=rows + 1, **args)

@@ -29,6 +29,11 @@
 #define MOE_DECODE_PHASE_SEND 1
 #define MOE_DECODE_PHASE_RECV 2
 
+// Group sizes the kernels take (bit R set for R ranks: 2, 4, 8), and the bound on Tmax and H
+// (rows and 16-byte words are indexed in int).
+#define MOE_WORLD_SIZES ((1LL << 2) | (1LL << 4) | (1LL << 8))
+#define MOE_MAX_ROWS (1LL << 24)
+
 #define MOE_PREFILL_MAX_EXPERTS 2048  // bounds the exchange kernel's shared memory
 #define MOE_PREFILL_LAYOUT_WARPS 4    // warps per block of the layout kernel
 
@@ -90,6 +95,8 @@ MOE_STRUCTS(MOE_STRUCT_)
   X(phase_prefill_combine, MOE_PHASE_PREFILL_COMBINE)             \
   X(decode_phase_send, MOE_DECODE_PHASE_SEND)                     \
   X(decode_phase_recv, MOE_DECODE_PHASE_RECV)                     \
+  X(world_sizes, MOE_WORLD_SIZES)                                 \
+  X(max_rows, MOE_MAX_ROWS)                                       \
   X(prefill_max_experts, MOE_PREFILL_MAX_EXPERTS)                 \
   X(prefill_layout_warps, MOE_PREFILL_LAYOUT_WARPS)               \
   X(prefill_host_stamp, MOE_PREFILL_HOST_STAMP)                   \

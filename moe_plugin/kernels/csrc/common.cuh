@@ -21,6 +21,8 @@ constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
 // The most ranks of a transport (2, 4 or 8 GPUs of one host); rank sets are bitmasks.
 constexpr int kMaxRanks = 8;
+// The group sizes the kernels take, as a bit per size (MOE_WORLD_SIZES in api.h).
+constexpr long long kWorldSizes = MOE_WORLD_SIZES;
 // The most choices (top-K) of a token: one lane each.
 constexpr int kMaxTopk = 32;
 
@@ -32,7 +34,7 @@ __host__ __device__ inline long long round_up(long long v, long long a) {
 // The shape checks both paths share: R of 2, 4 or 8 ranks, rank in [0, R), E experts split
 // evenly over the ranks, 1 <= K <= kMaxTopk, H a positive multiple of 8 (16-byte bf16 words).
 inline bool shape_ok(long long R, long long rank, long long E, long long K, long long H) {
-  return (R == 2 || R == 4 || R == 8) && rank >= 0 && rank < R && E >= R && E % R == 0 &&
+  return R >= 0 && R <= kMaxRanks && ((kWorldSizes >> R) & 1) && rank >= 0 && rank < R && E >= R && E % R == 0 &&
          K >= 1 && K <= kMaxTopk && H >= 8 && H % 8 == 0;
 }
 

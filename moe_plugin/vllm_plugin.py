@@ -90,7 +90,7 @@ def make_prepare_finalize(
     settings = PluginSettings.from_additional_config(vllm_config.additional_config)
     if settings is None or not moe.moe_parallel_config.use_all2all_kernels:
         return None
-    reason = _unsupported_reason(moe, use_monolithic)
+    reason = _unsupported_reason(moe, use_monolithic, vllm_config)
     if reason:
         _log_once(
             logging.WARNING, f"moe_plugin: {reason}; such layers keep vLLM's own prepare/finalize"
@@ -277,8 +277,10 @@ def _version_supported(found: str) -> bool:
         return False
 
 
-def _unsupported_reason(moe: Any, use_monolithic: bool) -> str | None:
-    """Why our prepare/finalize cannot serve this layer, or None if it can."""
+def _unsupported_reason(moe: Any, use_monolithic: bool, vllm_config: Any) -> str | None:
+    """Why our prepare/finalize cannot serve this layer, or None if it can. The even,
+    linear split of the experts over the ranks is vLLM's placement agreeing with ours (the
+    transport checks its own split of num_experts)."""
     import torch
 
     parallel = moe.moe_parallel_config
@@ -297,6 +299,13 @@ def _unsupported_reason(moe: Any, use_monolithic: bool) -> str | None:
         return (
             f"{moe.num_experts} experts do not split evenly as {moe.num_local_experts} "
             f"per rank over {parallel.ep_size} ranks"
+        )
+    parallel_config = getattr(vllm_config, "parallel_config", None)
+    placement = getattr(parallel_config, "expert_placement_strategy", "linear")
+    if placement != "linear":
+        return (
+            f"--expert-placement-strategy is {placement}; the plugin places experts "
+            "linearly (rank r owns experts [r*L, (r+1)*L))"
         )
     return None
 

@@ -244,6 +244,11 @@ def check_selection(plugin: ModuleType) -> dict[str, list[str]]:
     wrong_backend.moe_parallel_config.all2all_backend = "deepep_low_latency"
     if plugin.make_prepare_finalize(wrong_backend, quant, vllm_config=graphs) is not None:
         errors.append("took over a layer on the deepep_low_latency backend")
+    round_robin = SimpleNamespace(
+        **vars(graphs), parallel_config=SimpleNamespace(expert_placement_strategy="round_robin")
+    )
+    if plugin.make_prepare_finalize(ep_layer, quant, vllm_config=round_robin) is not None:
+        errors.append("took over a layer with round-robin expert placement")
     fp16 = expert_parallel_moe_config(16, 2, 256, 64, world_size=2, rank=0)
     fp16.in_dtype = torch.float16
     if plugin.make_prepare_finalize(fp16, quant, vllm_config=graphs) is not None:

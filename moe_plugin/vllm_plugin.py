@@ -12,6 +12,10 @@ own choice stands.
   (read through `vars(module)`, so no lazy import fires); otherwise an import hook patches
   the module the moment it is first imported. vLLM older than 0.32 gets a warning and no
   patch.
+- Start-up: `EngineArgs.create_engine_config` is wrapped the same way, so a malformed
+  `moe_plugin` value, or DBO on the replaced backend, stops `vllm serve` or an offline `LLM`
+  before any engine process starts (`config.check_engine_settings`). Experts that cannot
+  take our ids are refused when vLLM assembles each layer's kernel (`prepare_finalize`).
 - Transports are sized from vLLM's config: `max_tokens_per_rank` defaults to the layer's
   `max_num_tokens` (the scheduler's `max_num_batched_tokens`, what vLLM sizes its own
   all2all buffers by), and are built once per (process group, shape) and shared by all

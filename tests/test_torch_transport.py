@@ -241,9 +241,9 @@ def scenario_skewed(rank: int, world: int, rng: random.Random) -> Outcome:
     return cases, errors
 
 
-def scenario_zero_tokens(rank: int, world: int, rng: random.Random) -> Outcome:
+def _zero_token_calls(world: int, rng: random.Random, strided_empty: bool) -> Outcome:
     """T = 0 on every rank, on all but one rank, and on one rank, in every mode and payload,
-    with and without hooks."""
+    with and without hooks; with `strided_empty`, empty inputs are strided views."""
     errors: list[str] = []
     cases = 0
     layouts = [(0,) * world, (5,) + (0,) * (world - 1), (7,) * (world - 1) + (0,)]
@@ -266,39 +266,20 @@ def scenario_zero_tokens(rank: int, world: int, rng: random.Random) -> Outcome:
                         mode,
                         hook=hook,
                         alignment=_alignment(rng, mode),
+                        strided_empty=strided_empty,
                     ).run()
                     cases += 1
     return cases, errors
 
 
+def scenario_zero_tokens(rank: int, world: int, rng: random.Random) -> Outcome:
+    """Idle ranks (see `_zero_token_calls`) with dense empty inputs."""
+    return _zero_token_calls(world, rng, strided_empty=False)
+
+
 def scenario_zero_tokens_strided(rank: int, world: int, rng: random.Random) -> Outcome:
-    """T = 0 on all ranks and on all but one, with inputs that are strided views (last-dim
-    stride 2), in every mode and payload, with and without hooks."""
-    errors: list[str] = []
-    cases = 0
-    for tokens in [(0,) * world, (6,) + (0,) * (world - 1)]:
-        for dtype in (torch.bfloat16, torch.float8_e4m3fn):
-            for mode in MODES:
-                case = _fixed_case(
-                    world,
-                    topk=2,
-                    routing="uniform",
-                    tokens=tokens,
-                    dtype=dtype,
-                    seed=rng.randrange(1 << 30),
-                    tmax=8,
-                )
-                call = Call(
-                    _transport(case.spec),
-                    case,
-                    mode,
-                    hook=rng.random() < 0.5,
-                    alignment=_alignment(rng, mode),
-                    strided_empty=True,
-                )
-                errors += call.run()
-                cases += 1
-    return cases, errors
+    """Idle ranks whose empty inputs are column slices (last-dim stride 2)."""
+    return _zero_token_calls(world, rng, strided_empty=True)
 
 
 def scenario_slots(rank: int, world: int, rng: random.Random) -> Outcome:

@@ -139,6 +139,8 @@ class Transport(abc.ABC):
         self.spec = spec
         self.device = _normalize_device(device)
         self.timeout_s = default_timeout_s() if timeout_s is None else float(timeout_s)
+        if not self.timeout_s > 0:
+            raise ValueError(f"timeout_s must be positive, got {self.timeout_s:g}")
         self.num_local_experts = spec.num_experts // self.world_size
         # Ids outside [-1, E) dropped on the device; read only by check().
         self.dropped_ids = torch.zeros(1, dtype=torch.int64, device=self.device)

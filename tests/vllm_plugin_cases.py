@@ -288,7 +288,9 @@ def check_experts(plugin: ModuleType) -> list[str]:
 
     def assemble(additional_config: dict[str, Any], experts_cls: type) -> Any:
         with set_current_vllm_config(VllmConfig(additional_config=additional_config)):
-            return make_unquantized_moe_kernel(quant, moe, backend, experts_cls)
+            return make_unquantized_moe_kernel(
+                quant_config=quant, moe_config=moe, backend=backend, experts_cls=experts_cls
+            )
 
     on = {"moe_plugin": {"transport": "torch", "mode": "decode"}}
     errors = []

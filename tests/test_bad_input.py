@@ -218,6 +218,10 @@ BAD_CALLS: dict[str, tuple[Callable[[Context], None], tuple[str, ...]]] = {
         _spec(hidden=64, dtype=torch.float8_e4m3fn),
         ("hidden", "multiple of 128", "got 64"),
     ),
+    "timeout_zero": (
+        lambda c: TorchTransport(c.bf16.spec, device="cpu", timeout_s=0),
+        ("timeout_s must be positive", "got 0"),
+    ),
     "debug_ids_on_host": (
         _debug_ids,
         ("topk_idx holds 2 ids outside", f"[-1, {EXPERTS})", f"first: {EXPERTS}"),

@@ -61,13 +61,14 @@ class Call:
     slot: int = 0
     alignment: int = 1
     hook: bool = False
+    strided_empty: bool = False
 
     def __post_init__(self) -> None:
         self.inputs = make_inputs(self.case)
         self.rank = self.transport.rank
         self.what = (
             f"rank {self.rank} {self.case} {self.mode} slot={self.slot} "
-            f"alignment={self.alignment} hook={self.hook}"
+            f"alignment={self.alignment} hook={self.hook} strided_empty={self.strided_empty}"
         )
         self.errors: list[str] = []
         self._receive: Callable[[], DispatchResult] | None = None
@@ -79,7 +80,7 @@ class Call:
         return self.inputs[self.rank]
 
     def start_dispatch(self) -> None:
-        inp = self.mine
+        inp = _strided_if_empty(self.mine) if self.strided_empty else self.mine
         out = self.transport.dispatch(
             inp.x,
             inp.topk_idx,
@@ -122,6 +123,23 @@ class Call:
         self.finish_dispatch()
         self.start_combine()
         return self.finish_combine()
+
+
+def _strided_if_empty(inp: RankInputs) -> RankInputs:
+    """`inp` with each empty tensor replaced by a column slice of a twice-as-wide empty
+    tensor: same shape, last-dim stride 2 (`is_contiguous()` still says True)."""
+
+    def strided(t: torch.Tensor | None) -> torch.Tensor | None:
+        if t is None or t.numel():
+            return t
+        return torch.zeros(t.shape[0], 2 * t.shape[1], dtype=t.dtype)[:, ::2]
+
+    return RankInputs(
+        x=strided(inp.x),
+        x_scales=strided(inp.x_scales),
+        topk_idx=strided(inp.topk_idx),
+        topk_weights=strided(inp.topk_weights),
+    )
 
 
 def _transport(spec: TransportSpec) -> TorchTransport:
@@ -223,9 +241,9 @@ def scenario_skewed(rank: int, world: int, rng: random.Random) -> Outcome:
     return cases, errors
 
 
-def scenario_zero_tokens(rank: int, world: int, rng: random.Random) -> Outcome:
+def _zero_token_calls(world: int, rng: random.Random, strided_empty: bool) -> Outcome:
     """T = 0 on every rank, on all but one rank, and on one rank, in every mode and payload,
-    with and without hooks."""
+    with and without hooks; with `strided_empty`, empty inputs are strided views."""
     errors: list[str] = []
     cases = 0
     layouts = [(0,) * world, (5,) + (0,) * (world - 1), (7,) * (world - 1) + (0,)]
@@ -248,9 +266,20 @@ def scenario_zero_tokens(rank: int, world: int, rng: random.Random) -> Outcome:
                         mode,
                         hook=hook,
                         alignment=_alignment(rng, mode),
+                        strided_empty=strided_empty,
                     ).run()
                     cases += 1
     return cases, errors
+
+
+def scenario_zero_tokens(rank: int, world: int, rng: random.Random) -> Outcome:
+    """Idle ranks (see `_zero_token_calls`) with dense empty inputs."""
+    return _zero_token_calls(world, rng, strided_empty=False)
+
+
+def scenario_zero_tokens_strided(rank: int, world: int, rng: random.Random) -> Outcome:
+    """Idle ranks whose empty inputs are column slices (last-dim stride 2)."""
+    return _zero_token_calls(world, rng, strided_empty=True)
 
 
 def scenario_slots(rank: int, world: int, rng: random.Random) -> Outcome:
@@ -334,6 +363,7 @@ SCENARIOS: dict[str, Callable[[int, int, random.Random], Outcome]] = {
     "larger": scenario_larger,
     "skewed": scenario_skewed,
     "zero_tokens": scenario_zero_tokens,
+    "zero_tokens_strided": scenario_zero_tokens_strided,
     "slots": scenario_slots,
     "out_of_range": scenario_out_of_range,
 }
@@ -406,6 +436,11 @@ def test_skewed_routing(outcomes: list[dict[str, Outcome]]) -> None:
 @pytest.mark.timeout(300)
 def test_zero_token_ranks(outcomes: list[dict[str, Outcome]]) -> None:
     _assert_clean(outcomes, "zero_tokens")
+
+
+@pytest.mark.timeout(300)
+def test_zero_token_ranks_with_strided_inputs(outcomes: list[dict[str, Outcome]]) -> None:
+    _assert_clean(outcomes, "zero_tokens_strided")
 
 
 @pytest.mark.timeout(300)

@@ -20,7 +20,9 @@ def checks() -> dict[str, list[str]]:
     return run_workers(plugin_checks, 1, backend="gloo", timeout_s=220)[0]
 
 
-@pytest.mark.parametrize("check", ["register", "selection", "auto", "refusals"])
+@pytest.mark.parametrize(
+    "check", ["register", "startup", "selection", "auto", "refusals", "experts"]
+)
 def test_plugin_in_vllm(checks: dict[str, list[str]], check: str) -> None:
     assert not checks[check], "\n".join(checks[check])
 

@@ -61,6 +61,7 @@ class MoECase:
     weight_on_input: bool = False
     holes: bool = False
     split: bool = True
+    strided_empty: bool = False
 
     def __str__(self) -> str:
         flags = [
@@ -70,6 +71,7 @@ class MoECase:
                 ("weight_on_input", self.weight_on_input),
                 ("holes", self.holes),
                 ("no_split", not self.split),
+                ("strided_empty", self.strided_empty),
             )
             if on
         ]
@@ -111,6 +113,19 @@ def kernel_cases(world_size: int, seed: int) -> list[MoECase]:
                 seed=rng.randrange(1 << 30),
             )
         )
+        # The idle ranks' hidden states are column slices (last-dim stride 2).
+        for quant in ("bf16", "fp8_block128"):
+            cases.append(
+                MoECase(
+                    mode=mode,
+                    quant=quant,
+                    top_k=2,
+                    tokens=(TMAX,) + (0,) * (world_size - 1),
+                    reduce=True,
+                    seed=rng.randrange(1 << 30),
+                    strided_empty=True,
+                )
+            )
         cases.append(
             MoECase(
                 mode=mode,
@@ -179,10 +194,13 @@ def quant_config_for(quant: str) -> FusedMoEQuantConfig:
 def rank_inputs(
     case: MoECase, rank: int, salt: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(x [T, H] bf16, topk_ids [T, K] global (-1 holes when `case.holes`), weights)."""
+    """(x [T, H] bf16, topk_ids [T, K] global (-1 holes when `case.holes`), weights);
+    with `case.strided_empty`, an empty x is a column slice of a [0, 2H] tensor."""
     gen = torch.Generator().manual_seed(case.seed * 1009 + rank * 31 + salt)
     tokens = case.tokens[rank]
     x = torch.randn(tokens, HIDDEN, generator=gen).to(torch.bfloat16)
+    if case.strided_empty and not tokens:
+        x = torch.empty(0, 2 * HIDDEN, dtype=torch.bfloat16)[:, ::2]
     ids = (
         torch.stack(
             [torch.randperm(NUM_EXPERTS, generator=gen)[: case.top_k] for _ in range(tokens)]

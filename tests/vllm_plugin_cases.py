@@ -17,8 +17,9 @@ USER_MODULE = "vllm.model_executor.layers.fused_moe.oracle.unquantized"
 def plugin_checks(rank: int, world_size: int) -> dict[str, list[str]]:
     import moe_plugin.vllm_plugin as plugin
 
-    results = {"register": check_register(plugin)}
+    results = {"register": check_register(plugin), "startup": check_startup(plugin)}
     results.update(check_selection(plugin))
+    results["experts"] = check_experts(plugin)
     return results
 
 
@@ -63,6 +64,80 @@ def check_register(plugin: ModuleType) -> list[str]:
             f"expected the factory bound in several vllm modules, found "
             f"{[m.__name__ for m in holders]}"
         )
+    return errors
+
+
+def check_startup(plugin: ModuleType) -> list[str]:
+    """`EngineArgs.create_engine_config`, which `vllm serve` and an offline `LLM` call to
+    build vLLM's config before any engine process starts, refuses a malformed `moe_plugin`
+    value and DBO on the replaced backend with the plugin's messages, and lets everything
+    else through to vLLM (here to its error about the missing model). Patched on import
+    (register() ran before the module was imported) and, after being put back, again."""
+    import importlib
+
+    errors = []
+    if plugin.ENGINE_ARGS_MODULE in sys.modules:
+        errors.append("EngineArgs was imported before register(): the import hook is untested")
+    engine_args = importlib.import_module(plugin.ENGINE_ARGS_MODULE).EngineArgs
+    original = getattr(engine_args.create_engine_config, plugin._WRAPPED, None)
+    if original is None:
+        return errors + ["EngineArgs.create_engine_config is not wrapped after import"]
+    engine_args.create_engine_config = original
+    plugin.register()
+    if getattr(engine_args.create_engine_config, plugin._WRAPPED, None) is not original:
+        errors.append("register() did not wrap an already-imported EngineArgs")
+
+    def startup_error(**kwargs: Any) -> str:
+        try:
+            engine_args(model="/nonexistent/model", **kwargs).create_engine_config()
+        except Exception as exc:  # noqa: BLE001 - any error is the outcome looked at
+            return f"{type(exc).__name__}: {exc}"
+        return "no error"
+
+    dbo = {"enable_dbo": True, "enable_expert_parallel": True}
+    expect = {
+        "unknown key": (
+            {"additional_config": {"moe_plugin": {"modee": "decode"}}},
+            "ValueError: unknown moe_plugin key(s) ['modee']; valid keys: mode",
+        ),
+        "not an object": (
+            {"additional_config": {"moe_plugin": "decode"}},
+            "must be a JSON object",
+        ),
+        "dbo on the replaced backend": (
+            {
+                **dbo,
+                "all2all_backend": "allgather_reducescatter",
+                "additional_config": {"moe_plugin": {}},
+            },
+            "moe_plugin cannot run with --enable-dbo",
+        ),
+        "micro-batches by size": (
+            {
+                "ubatch_size": 2,
+                "all2all_backend": "allgather_reducescatter",
+                "additional_config": {"moe_plugin": {}},
+            },
+            "moe_plugin cannot run with --enable-dbo",
+        ),
+    }
+    for name, (kwargs, needle) in expect.items():
+        got = startup_error(**kwargs)
+        if needle not in got:
+            errors.append(f"{name}: expected {needle!r}, got {got[:300]!r}")
+    passed = {
+        "valid settings": {"additional_config": {"moe_plugin": {"transport": "torch"}}},
+        "dbo without the plugin": {**dbo, "all2all_backend": "allgather_reducescatter"},
+        "dbo on a backend the plugin leaves alone": {
+            **dbo,
+            "all2all_backend": "deepep_high_throughput",
+            "additional_config": {"moe_plugin": {}},
+        },
+    }
+    for name, kwargs in passed.items():
+        got = startup_error(**kwargs)
+        if "moe_plugin" in got or "/nonexistent/model" not in got:
+            errors.append(f"{name}: expected vLLM's missing-model error, got {got[:300]!r}")
     return errors
 
 
@@ -192,6 +267,11 @@ def check_selection(plugin: ModuleType) -> dict[str, list[str]]:
     wrong_backend.moe_parallel_config.all2all_backend = "deepep_low_latency"
     if plugin.make_prepare_finalize(wrong_backend, quant, vllm_config=graphs) is not None:
         errors.append("took over a layer on the deepep_low_latency backend")
+    round_robin = SimpleNamespace(
+        **vars(graphs), parallel_config=SimpleNamespace(expert_placement_strategy="round_robin")
+    )
+    if plugin.make_prepare_finalize(ep_layer, quant, vllm_config=round_robin) is not None:
+        errors.append("took over a layer with round-robin expert placement")
     fp16 = expert_parallel_moe_config(16, 2, 256, 64, world_size=2, rank=0)
     fp16.in_dtype = torch.float16
     if plugin.make_prepare_finalize(fp16, quant, vllm_config=graphs) is not None:
@@ -209,3 +289,45 @@ def _modules_holding(value: object, name: str) -> list[ModuleType]:
         ):
             holders.append(module)
     return holders
+
+
+def check_experts(plugin: ModuleType) -> list[str]:
+    """vLLM's own kernel assembly (`make_unquantized_moe_kernel`) with the plugin on: the
+    experts vLLM picks on this CPU platform are refused with a ValueError naming them,
+    and `ReferenceExperts` are served by our prepare/finalize. Needs `check_selection`'s
+    process group."""
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.model_executor.layers.fused_moe.config import FusedMoEQuantConfig
+    from vllm.model_executor.layers.fused_moe.oracle.unquantized import (
+        make_unquantized_moe_kernel,
+        select_unquantized_moe_backend,
+    )
+
+    from moe_plugin.demo.experts import ReferenceExperts, expert_parallel_moe_config
+
+    moe = expert_parallel_moe_config(16, 2, 256, 64, world_size=2, rank=0)
+    backend, vllm_experts = select_unquantized_moe_backend(moe)
+    quant = FusedMoEQuantConfig.make()
+
+    def assemble(additional_config: dict[str, Any], experts_cls: type) -> Any:
+        with set_current_vllm_config(VllmConfig(additional_config=additional_config)):
+            return make_unquantized_moe_kernel(
+                quant_config=quant, moe_config=moe, backend=backend, experts_cls=experts_cls
+            )
+
+    on = {"moe_plugin": {"transport": "torch", "mode": "decode"}}
+    errors = []
+    if vllm_experts is None:
+        return [f"vLLM selected no experts class for backend {backend}"]
+    try:
+        kernel = assemble(on, vllm_experts)
+        errors.append(
+            f"{vllm_experts.__name__} assembled with {type(kernel.prepare_finalize).__name__}"
+        )
+    except ValueError as exc:
+        if vllm_experts.__name__ not in str(exc) or "expert_map" not in str(exc):
+            errors.append(f"refusal does not name the experts class: {exc}")
+    kernel = assemble(on, ReferenceExperts)
+    if type(kernel.prepare_finalize).__name__ != "DecodePrepareAndFinalize":
+        errors.append(f"ReferenceExperts got {type(kernel.prepare_finalize).__name__}")
+    return errors

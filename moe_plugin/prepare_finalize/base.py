@@ -5,7 +5,7 @@ Standard activation format over any `Transport`:
 
 - prepare: apply the router weight on the input (top-1 only), quantize block-128 fp8
   activations before sending (the scales travel), dispatch, turn the received LOCAL expert
-  ids into GLOBAL ones (local + rank * L, -1 kept, weight 0 where the id is -1) and
+  ids into GLOBAL ones (local + rank * L, -1 kept; the transport zeroed their weights) and
   quantize after receive for every other scheme (nothing when the experts defer input
   quantization);
 - finalize: weight and reduce the experts' rows (see `reduce.py`), combine, write `output`;
@@ -30,6 +30,7 @@ import vllm.model_executor.layers.fused_moe.modular_kernel as mk
 from vllm.model_executor.layers.fused_moe.config import FusedMoEConfig, FusedMoEQuantConfig
 from vllm.v1.worker.ubatching import dbo_current_ubatch_id
 
+from moe_plugin.prepare_finalize.experts_check import check_experts
 from moe_plugin.prepare_finalize.quant import (
     FP8,
     quantize_activations,
@@ -97,19 +98,15 @@ class TransportPrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
             super().__init__(moe_config, quant_config)
         else:
             super().__init__()
-        if spec.num_experts % pool.world_size:
-            raise ValueError(
-                f"num_experts ({spec.num_experts}) must be a multiple of the "
-                f"expert-parallel group size ({pool.world_size})"
-            )
         self.pool = pool
         self.spec = dataclasses.replace(spec, dtype=torch.bfloat16)
-        self.num_local_experts = spec.num_experts // pool.world_size
-        self.rank_expert_offset = pool.rank * self.num_local_experts
         self.handles: list[_InFlight | None] = [None, None]
         self._transports: dict[bool, Transport] = {}
         self._fp8_dispatch = quantized_dispatch(quant_config, defer_input_quant=False)
-        self._transport(self._fp8_dispatch)
+        # Building the transport validates the spec (num_experts splits over the group).
+        transport = self._transport(self._fp8_dispatch)
+        self.num_local_experts = transport.num_local_experts
+        self.rank_expert_offset = transport.rank * transport.num_local_experts
 
     # ------------------------------------------------------------ vLLM queries
     @property
@@ -137,8 +134,11 @@ class TransportPrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
         return self.supports_async()
 
     def post_init_setup(self, fused_experts: mk.FusedMoEExperts) -> None:
-        """Experts that quantize their own input get bf16 tokens: build that transport now,
-        while every rank builds its kernels in the same order."""
+        """Called by vLLM when it assembles the modular kernel. Raises ValueError for
+        experts that cannot take what `prepare` returns (see `experts_check`); experts that
+        quantize their own input get bf16 tokens: build that transport now, while every
+        rank builds its kernels in the same order."""
+        check_experts(fused_experts)
         if fused_experts.expects_unquantized_inputs and self._fp8_dispatch:
             self._fp8_dispatch = False
             self._transport(False)
@@ -313,14 +313,14 @@ class TransportPrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
     def _received(
         self, result: DispatchResult, quant_config: FusedMoEQuantConfig, quantize_after: bool
     ) -> mk.PrepareResultType:
+        # The transport already gives weight 0 where the id is -1 (DESIGN.md section 2).
         local_ids = result.recv_topk_idx
-        valid = local_ids >= 0
-        global_ids = torch.where(valid, local_ids + self.rank_expert_offset, -1)
-        weights = torch.where(valid, result.recv_topk_weights, 0.0)
+        global_ids = torch.where(local_ids >= 0, local_ids + self.rank_expert_offset, -1)
         x, x_scales = result.recv_x, result.recv_scales
         if quantize_after:
             x, x_scales = quantize_activations(x, quant_config)
-        return x, x_scales, self._expert_tokens_meta(result), global_ids, weights
+        meta = self._expert_tokens_meta(result)
+        return x, x_scales, meta, global_ids, result.recv_topk_weights
 
     def _expert_tokens_meta(self, result: DispatchResult) -> mk.ExpertTokensMetadata | None:
         """Per-local-expert row counts (expanded layouts only)."""

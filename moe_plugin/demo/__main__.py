@@ -191,4 +191,8 @@ def _sync(device: torch.device) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Spawned workers unpickle run_demo by module name, and `python -m` names this file
+    # __main__, which they do not re-import: run it from its importable name.
+    from moe_plugin.demo.__main__ import main as importable_main
+
+    sys.exit(importable_main())

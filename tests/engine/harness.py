@@ -150,18 +150,30 @@ def assert_ran(
     workers: int,
     layers: int,
     stopped_mid_step: bool = False,
+    path: str | None = None,
 ) -> None:
     """Each of `workers` processes ran only `class_name` as prepare/finalize, at least once
     per layer and generated token, with as many finalize calls as prepare calls (one fewer
-    allowed with `stopped_mid_step`: a server keeps stepping until it is stopped)."""
+    allowed with `stopped_mid_step`: a server keeps stepping until it is stopped). With
+    `path` (a per-batch object's half, e.g. "PrefillPrepareAndFinalize"), every call of
+    `class_name` went to that half."""
     assert len(counts) == workers, f"counts from {len(counts)} processes, expected {workers}"
     for per_process in counts:
         classes = {key.split(".")[0] for key in per_process}
-        assert classes == {class_name}, f"prepare/finalize classes {classes}"
-        prepares = sum(n for k, n in per_process.items() if ".prepare" in k)
-        finalizes = sum(n for k, n in per_process.items() if ".finalize" in k)
+        assert classes == {class_name} | ({path} if path else set()), f"classes {classes}"
+
+        prepares = _calls(per_process, class_name, "prepare")
+        finalizes = _calls(per_process, class_name, "finalize")
         assert prepares >= layers * MAX_TOKENS, per_process
         assert prepares - finalizes in ((0, 1) if stopped_mid_step else (0,)), per_process
+        if path:
+            on_path = (_calls(per_process, path, "prepare"), _calls(per_process, path, "finalize"))
+            assert on_path == (prepares, finalizes), per_process
+
+
+def _calls(per_process: dict[str, int], class_name: str, kind: str) -> int:
+    """Calls of `class_name`'s methods starting with `kind` ("prepare" or "finalize")."""
+    return sum(n for k, n in per_process.items() if k.startswith(f"{class_name}.{kind}"))
 
 
 def mismatches(reference: list[dict[str, Any]], results: list[dict[str, Any]]) -> list[str]:

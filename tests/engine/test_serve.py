@@ -19,7 +19,7 @@ pytestmark = pytest.mark.engine
 
 START_TIMEOUT_S = 420
 REQUEST_TIMEOUT_S = 120
-PLUGIN_LINE = "moe_plugin: PrefillPrepareAndFinalize over the torch transport"
+PLUGIN_LINE = "moe_plugin: PerBatchPrepareAndFinalize over the torch transport (prefill path"
 
 
 def server_command(model: Path, port: int, moe_plugin: Any) -> list[str]:
@@ -118,7 +118,15 @@ def test_served_completions_match_single_rank_engine(
     log = log_path.read_text()
     assert log.count(PLUGIN_LINE) == 2, "one INFO line per data-parallel rank"
     counts = harness.read_counts(tmp_path / "counts")
-    harness.assert_ran(counts, "PrefillPrepareAndFinalize", 2, layers=2, stopped_mid_step=True)
+    # mode auto on an eager engine: the per-batch object sends every call down its prefill path.
+    harness.assert_ran(
+        counts,
+        "PerBatchPrepareAndFinalize",
+        2,
+        layers=2,
+        stopped_mid_step=True,
+        path="PrefillPrepareAndFinalize",
+    )
 
 
 def test_malformed_settings_stop_the_server(tmp_path: Path, checkpoint: Path) -> None:

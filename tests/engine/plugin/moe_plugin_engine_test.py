@@ -5,8 +5,9 @@ processes' PYTHONPATH only; vLLM finds it, as it finds moe_plugin, through the
 - vLLM's CPU experts are replaced by `EngineTestExperts` (the project's `ReferenceExperts`:
   the layer's own weights, global int64 ids through `expert_map`, -1 skipped), because vLLM's
   CPU expert kernel takes local int32 ids only and so cannot serve expert parallelism.
-- Every modular kernel's prepare/finalize calls are counted per prepare/finalize class and
-  written to `$MOE_ENGINE_TEST_COUNTS_DIR/<pid>.json` after each call.
+- Every modular kernel's prepare/finalize calls (and those of a per-batch object's halves)
+  are counted per prepare/finalize class and written to
+  `$MOE_ENGINE_TEST_COUNTS_DIR/<pid>.json` after each call.
 - `MOE_ENGINE_TEST_ZERO_RANK=r` makes the experts of expert-parallel rank r return zeros (the
   negative control that a comparison must catch).
 """
@@ -50,11 +51,14 @@ def register() -> None:
     @functools.wraps(original_init)
     def kernel_init(self: Any, prepare_finalize: Any, *args: Any, **kwargs: Any) -> None:
         original_init(self, prepare_finalize, *args, **kwargs)
-        name = type(prepare_finalize).__name__
-        for method in COUNTED_METHODS:
-            bound = getattr(prepare_finalize, method, None)
-            if bound is not None:
-                setattr(prepare_finalize, method, _counted(bound, f"{name}.{method}"))
+        # A per-batch prepare/finalize (mode auto) calls its halves: count those too.
+        halves = getattr(prepare_finalize, "halves", {}).values()
+        for counted in (prepare_finalize, *(h for h in halves if h is not None)):
+            name = type(counted).__name__
+            for method in COUNTED_METHODS:
+                bound = getattr(counted, method, None)
+                if bound is not None:
+                    setattr(counted, method, _counted(bound, f"{name}.{method}"))
 
     mk.FusedMoEKernel.__init__ = kernel_init
 

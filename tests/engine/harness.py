@@ -162,13 +162,15 @@ def assert_ran(
         classes = {key.split(".")[0] for key in per_process}
         assert classes == {class_name} | ({path} if path else set()), f"classes {classes}"
 
+        # A process stopped mid-step may be one call short anywhere.
+        short = (0, 1) if stopped_mid_step else (0,)
         prepares = _calls(per_process, class_name, "prepare")
         finalizes = _calls(per_process, class_name, "finalize")
         assert prepares >= layers * MAX_TOKENS, per_process
-        assert prepares - finalizes in ((0, 1) if stopped_mid_step else (0,)), per_process
+        assert prepares - finalizes in short, per_process
         if path:
-            on_path = (_calls(per_process, path, "prepare"), _calls(per_process, path, "finalize"))
-            assert on_path == (prepares, finalizes), per_process
+            assert prepares - _calls(per_process, path, "prepare") in short, per_process
+            assert finalizes - _calls(per_process, path, "finalize") in short, per_process
 
 
 def _calls(per_process: dict[str, int], class_name: str, kind: str) -> int:

@@ -22,13 +22,17 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from moe_plugin.bench.config import PRESETS as BENCH_PRESETS
 from moe_plugin.launch import run_workers, visible_gpus
 from moe_plugin.transport import DispatchResult, Transport, TransportSpec, make_transport
 from moe_plugin.transport.base import SCALE_BLOCK
+from moe_plugin.transport.fp8 import FP8_MAX
 from tests.reference import dequantize, expert_scale, to_global
 
 FP8 = torch.float8_e4m3fn
 BF16 = torch.bfloat16
+PRESETS = {n: (p.hidden, p.num_experts, p.num_topk) for n, p in BENCH_PRESETS.items()}
+"""The benchmark's model shapes as (hidden, experts, topk)."""
 TIMEOUT_S = 20.0
 WORLDS = (2, 4, 8)
 SHARED_GPU_ENV = "MOE_PLUGIN_ALLOW_SHARED_GPU"
@@ -87,7 +91,7 @@ def make_inputs(
     values = torch.randn(world, tmax, hidden, generator=g, device=device, dtype=BF16)
     scales = None
     if spec.is_fp8:
-        x = (values * 64).clamp(-448, 448).to(FP8)
+        x = (values * 64).clamp(-FP8_MAX, FP8_MAX).to(FP8)
         scales = torch.rand(world, tmax, hidden // SCALE_BLOCK, generator=g, device=device) + 0.5
     else:
         x = values

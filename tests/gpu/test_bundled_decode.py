@@ -24,6 +24,7 @@ from moe_plugin.transport.base import SCALE_BLOCK
 from tests.gpu.harness import (
     BF16,
     FP8,
+    PRESETS,
     SHARED_GPU_ENV,
     TIMEOUT_S,
     Inputs,
@@ -47,11 +48,6 @@ from tests.gpu.harness import (
 
 pytestmark = pytest.mark.gpu
 
-PRESETS = {  # (hidden, experts, topk)
-    "deepseek-v3": (7168, 256, 8),
-    "qwen3-30b-a3b": (2048, 128, 8),
-    "mixtral": (4096, 8, 2),
-}
 ROUNDINGS = 2
 """bf16 roundings between the dense sum and combine's output: the expert side's row per
 (token, rank), then the source's sum over ranks."""

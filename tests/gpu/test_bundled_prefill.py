@@ -22,6 +22,7 @@ from moe_plugin.transport.base import SCALE_BLOCK
 from tests.gpu.harness import (
     BF16,
     FP8,
+    PRESETS,
     TIMEOUT_S,
     Inputs,
     Scenario,
@@ -43,7 +44,6 @@ from tests.gpu.harness import (
 
 pytestmark = pytest.mark.gpu
 
-DEEPSEEK = (7168, 256, 8)  # hidden, experts, topk
 ROUNDINGS = 3
 """bf16 roundings between the dense sum and combine's output: the expert's row, the expert
 side's partial sum (one bf16 row per (token, rank) goes back), and the final sum."""
@@ -231,7 +231,7 @@ def large_cases(
     bf16 with num_sms 24 and fp8 with every SM, alignment 1 then 128, one call per token
     set, checked on the device (a host-staged reference would dominate the run)."""
     errors = []
-    hidden, experts, topk = DEEPSEEK
+    hidden, experts, topk = PRESETS["deepseek-v3"]
     sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
     for dtype, num_sms in ((BF16, 24), (FP8, sms)):
         spec = TransportSpec(tmax, hidden, topk, experts, dtype)

@@ -10,14 +10,14 @@ import torch
 from moe_plugin.transport import TransportSpec
 from moe_plugin.transport.bundled import BundledTransport
 from moe_plugin.transport.bundled.footprint import path_bytes
-from tests.gpu.harness import FP8, TIMEOUT_S, assert_clean, outcomes_fixture
+from tests.gpu.harness import FP8, PRESETS, TIMEOUT_S, assert_clean, outcomes_fixture
 
 pytestmark = pytest.mark.gpu
 
 SHAPES = {  # name: (hidden, experts, top-k, payload dtype, tokens per rank)
-    "deepseek-v3": (7168, 256, 8, FP8, 96),
-    "qwen3-30b-a3b": (2048, 128, 8, torch.bfloat16, 512),
-    "mixtral": (4096, 8, 2, torch.bfloat16, 200),
+    "deepseek-v3": (*PRESETS["deepseek-v3"], FP8, 96),
+    "qwen3-30b-a3b": (*PRESETS["qwen3-30b-a3b"], torch.bfloat16, 512),
+    "mixtral": (*PRESETS["mixtral"], torch.bfloat16, 200),
 }
 
 

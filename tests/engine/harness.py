@@ -1,6 +1,6 @@
 """Running real vLLM engines on CPU for the engine and server tests: the environment of the
 engine processes, offline data-parallel runs, the prepare/finalize call counts the test-only
-plugin (`plugin/moe_plugin_engine_test.py`) leaves, and the comparison with a reference."""
+plugin (`plugin/engine_test_plugin.py`) leaves, and the comparison with a reference."""
 
 from __future__ import annotations
 

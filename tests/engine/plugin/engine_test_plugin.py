@@ -1,6 +1,8 @@
 """A test-only vLLM plugin for the engine and server tests. Its folder goes on the engine
 processes' PYTHONPATH only; vLLM finds it, as it finds moe_plugin, through the
-`vllm.general_plugins` entry point of the dist-info beside it.
+`vllm.general_plugins` entry point of the dist-info beside it. Its name does not match
+pytest's test-file patterns: collecting it would put its folder, and so its entry point,
+on the path of every test process.
 
 - vLLM's CPU experts are replaced by `EngineTestExperts` (the project's `ReferenceExperts`:
   the layer's own weights, global int64 ids through `expert_map`, -1 skipped), because vLLM's

@@ -62,8 +62,8 @@ def run_workers(
     Each process has joined the default process group (`backend`, default
     `default_backend(nprocs)`) and, where GPUs are visible, set its CUDA device to
     `gpu_of(rank, visible_gpus())`. `fn` and `args` must be picklable. Raises ValueError
-    for NCCL on ranks that would share a GPU, RuntimeError naming the rank if a process
-    fails, and TimeoutError (after killing them all) if they are not done within
+    for NCCL on ranks that would share a GPU, RuntimeError naming every rank that failed
+    or died (the dead first), and TimeoutError (after killing them all) if they are not done within
     `timeout_s`.
     """
     backend = backend or default_backend(nprocs)
@@ -83,21 +83,25 @@ def run_workers(
         p.start()
     deadline = time.monotonic() + timeout_s
     out: dict[int, Any] = {}
+    failed: dict[int, str] = {}
+    settle_until: float | None = None
     try:
         while len(out) < nprocs:
             while not results.empty():
                 rank, ok, value = results.get()
-                if not ok:
-                    raise RuntimeError(f"rank {rank} of {nprocs} failed:\n{value}")
-                out[rank] = value
+                (out if ok else failed)[rank] = value
             if len(out) == nprocs:
                 break
-            dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in out]
-            if dead and results.empty():
-                raise RuntimeError(
-                    f"ranks {dead} of {nprocs} exited with codes "
-                    f"{[procs[r].exitcode for r in dead]} and no result"
-                )
+            dead = [
+                r
+                for r, p in enumerate(procs)
+                if p.exitcode not in (None, 0) and r not in out and r not in failed
+            ]
+            if (failed or dead) and settle_until is None:
+                settle_until = time.monotonic() + _SETTLE_S
+            all_exited = all(p.exitcode is not None for p in procs)
+            if settle_until is not None and (all_exited or time.monotonic() > settle_until):
+                raise RuntimeError(_failure_report(nprocs, procs, dead, failed))
             if time.monotonic() > deadline:
                 missing = sorted(set(range(nprocs)) - set(out))
                 raise TimeoutError(
@@ -111,6 +115,22 @@ def run_workers(
                 p.kill()
                 p.join()
     return [out[r] for r in range(nprocs)]
+
+
+# One rank's death or failure often makes its peers fail soon after: wait this long so the
+# report names them all, the dead first.
+_SETTLE_S = 5.0
+
+
+def _failure_report(nprocs: int, procs: list[Any], dead: list[int], failed: dict[int, str]) -> str:
+    """Ranks that died without a result (likely the cause), then each failed rank's
+    traceback."""
+    lines = []
+    if dead:
+        codes = [procs[r].exitcode for r in dead]
+        lines.append(f"ranks {dead} of {nprocs} exited with codes {codes} and no result")
+    lines += [f"rank {r} of {nprocs} failed:\n{tb}" for r, tb in sorted(failed.items())]
+    return "\n".join(lines)
 
 
 def _worker_main(

@@ -35,6 +35,14 @@ def exit_on(rank: int, world: int, bad_rank: int) -> int:
     return rank
 
 
+def exit_then_reduce(rank: int, world: int, bad_rank: int) -> int:
+    """`bad_rank` dies; the others then fail in a collective it never joins."""
+    if rank == bad_rank:
+        os._exit(3)
+    dist.all_reduce(torch.ones(1))
+    return rank
+
+
 def hang_on(rank: int, world: int, bad_rank: int) -> int:
     if rank == bad_rank:
         time.sleep(600)
@@ -58,8 +66,17 @@ def test_reports_the_failing_rank() -> None:
 
 @pytest.mark.timeout(120)
 def test_reports_a_rank_that_dies_without_result() -> None:
-    with pytest.raises(RuntimeError, match=r"ranks \[0\] of 2 exited with codes \[3\]"):
+    with pytest.raises(RuntimeError, match=r"^ranks \[0\] of 2 exited with codes \[3\]"):
         run_workers(exit_on, 2, 0, backend="gloo", timeout_s=100)
+
+
+@pytest.mark.timeout(120)
+def test_names_the_dead_rank_first_when_its_peers_fail_after_it() -> None:
+    with pytest.raises(RuntimeError) as info:
+        run_workers(exit_then_reduce, 3, 0, backend="gloo", timeout_s=100)
+    report = str(info.value)
+    assert report.startswith("ranks [0] of 3 exited with codes [3] and no result"), report
+    assert "rank 1 of 3 failed" in report and "rank 2 of 3 failed" in report, report
 
 
 @pytest.mark.timeout(120)

@@ -46,14 +46,7 @@ def round_trip_error(
     """Dispatch `inputs`, apply `expert_output`, combine, and compare with the dense sum
     x * sum_k weight_k * expert_scale(expert_k). Returns None when right, else what is wrong.
     `expected_rows` [R] are the rows this rank must receive from each source rank."""
-    result = transport.dispatch(
-        inputs.x,
-        inputs.topk_idx,
-        inputs.topk_weights,
-        x_scales=inputs.x_scales,
-        expand=expand,
-        cpu_sync=expand,
-    )
+    result = inputs.dispatch_on(transport, expand=expand)
     counts = result.handle.recv_counts.tolist()
     if counts != expected_rows:
         return f"rank {transport.rank} received {counts} rows per source, expected {expected_rows}"

@@ -12,6 +12,7 @@ import torch
 
 from moe_plugin.bench.config import Preset
 from moe_plugin.bench.units import RankRows
+from moe_plugin.transport import DispatchResult, Transport
 from moe_plugin.transport.fp8 import dequantize, quantize_fp8
 
 
@@ -25,6 +26,18 @@ class RankInputs:
     topk_idx: torch.Tensor
     topk_weights: torch.Tensor
     x_ref: torch.Tensor
+
+    def dispatch_on(self, transport: Transport, *, expand: bool) -> DispatchResult:
+        """`transport.dispatch` of these inputs on slot 0; an expanded (prefill) call also
+        syncs on the CPU, which `expand` requires."""
+        return transport.dispatch(
+            self.x,
+            self.topk_idx,
+            self.topk_weights,
+            x_scales=self.x_scales,
+            expand=expand,
+            cpu_sync=expand,
+        )
 
 
 def _generator(seed: int, rank: int, stream: int) -> torch.Generator:

@@ -131,14 +131,7 @@ def _time_case(
     expand = case.mode == PREFILL
 
     def dispatch() -> Any:
-        return transport.dispatch(
-            inputs.x,
-            inputs.topk_idx,
-            inputs.topk_weights,
-            x_scales=inputs.x_scales,
-            expand=expand,
-            cpu_sync=expand,
-        )
+        return inputs.dispatch_on(transport, expand=expand)
 
     # Rows of y: the check has confirmed the transport receives exactly these.
     rows = sum(received_rows) if expand else transport.world_size * case.tokens

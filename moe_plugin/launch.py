@@ -87,6 +87,8 @@ def run_workers(
     settle_until: float | None = None
     try:
         while len(out) < nprocs:
+            # Read before draining: a rank that had exited by now has its result in the queue.
+            all_exited = all(p.exitcode is not None for p in procs)
             while not results.empty():
                 rank, ok, value = results.get()
                 (out if ok else failed)[rank] = value
@@ -99,7 +101,6 @@ def run_workers(
             ]
             if (failed or dead) and settle_until is None:
                 settle_until = time.monotonic() + _SETTLE_S
-            all_exited = all(p.exitcode is not None for p in procs)
             if settle_until is not None and (all_exited or time.monotonic() > settle_until):
                 raise RuntimeError(_failure_report(nprocs, procs, dead, failed))
             if time.monotonic() > deadline:
